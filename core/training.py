@@ -106,6 +106,12 @@ def train_step_vectors(encoder: Encoder, batch: Sequence[TrainingExample], corpu
     return tower.forward(queries), tower.forward(passages), passage_indices
 
 
+def batch_loss(encoder: Encoder, batch: Sequence[TrainingExample], corpus: Corpus, config: TrainConfig) -> torch.Tensor:
+    query_vectors, passage_vectors, passage_indices = train_step_vectors(encoder, batch, corpus, config)
+    scale = config.scale if encoder.query.normalize else 1.0
+    return contrastive_loss(query_vectors, passage_vectors, batch, passage_indices, scale)
+
+
 def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tuple[Encoder, TrainReport]:
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -127,7 +133,6 @@ def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tup
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total), total)
-    scale = config.scale if encoder.query.normalize else 1.0
     generator = random.Random(config.seed)
     losses: list[float] = []
     started = time.perf_counter()
@@ -140,8 +145,7 @@ def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tup
             if step >= total:
                 break
             batch = [examples[i] for i in order[start:start + config.batch_size]]
-            query_vectors, passage_vectors, passage_indices = train_step_vectors(encoder, batch, corpus, config)
-            loss = contrastive_loss(query_vectors, passage_vectors, batch, passage_indices, scale)
+            loss = batch_loss(encoder, batch, corpus, config)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
