@@ -39,13 +39,14 @@ def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
     return BertConfig(**settings)
 
 
-def make_tiny_bert(directory: Path, corpus: Corpus, pooling: str | None = None, seed: int = 0) -> Path:
+def make_tiny_bert(directory: Path, corpus: Corpus, pooling: str | None = None, seed: int = 0,
+                   normalize: bool = False, **config_overrides) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _write_tokenizer(directory, corpus)
     torch.manual_seed(seed)
-    BertModel(tiny_bert_config(len(tokenizer))).save_pretrained(directory)
+    BertModel(tiny_bert_config(len(tokenizer), **config_overrides)).save_pretrained(directory)
     if pooling:
-        (directory / "dpr_lens.json").write_text(json.dumps({"pooling": pooling, "normalize": False}))
+        (directory / "dpr_lens.json").write_text(json.dumps({"pooling": pooling, "normalize": normalize}))
     return directory
 
 

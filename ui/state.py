@@ -1,6 +1,7 @@
 """Streamlit glue shared by every page: the chosen pair, corpus, cache, indexes and the current query."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from core.corpus import Corpus, CorpusError, load_jsonl, load_wiki
 from core.index import DenseIndex, load_index
 from core.pair import DEFAULT_PRESET, PRESETS, ModelLoadError, ModelPair, custom_pair, load_pair
 
+log = logging.getLogger("dpr_lens")
 CORPUS_LIMIT_ENV = "DPR_LENS_CORPUS_LIMIT"
 CUSTOM = "custom"
 
@@ -28,8 +30,11 @@ class Selection:
 @st.cache_resource(show_spinner="Loading models…")
 def _load_pair(selection: Selection) -> ModelPair:
     if selection.pair_key == CUSTOM:
-        return load_pair(custom_pair(selection.custom_a, selection.custom_b, selection.custom_b_context or None))
-    return load_pair(selection.pair_key)
+        pair = load_pair(custom_pair(selection.custom_a, selection.custom_b, selection.custom_b_context or None))
+    else:
+        pair = load_pair(selection.pair_key)
+    log.info("DPR Lens loaded pair %s", pair.spec.key)
+    return pair
 
 
 @st.cache_resource(show_spinner="Loading corpus…")

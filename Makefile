@@ -1,0 +1,38 @@
+# make run  : install everything and start DPR Lens on the offline pair (http://localhost:8501)
+# make test : install everything (chromium for the browser tests too) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8501
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench browser train clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m streamlit run app.py --server.port $(PORT)
+
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: setup browser
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench
+
+# Re-make the offline twin (about 30 min of a 2-core CPU) and its prebuilt index.
+train: setup
+	MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 \
+	$(PY) -m core train --base minilm: --output assets/minilm-wiki-dpr --max-steps 200
+	$(PY) -m core build-index --pair offline --prebuilt
+
+clean-cache:
+	rm -rf $${DPR_LENS_CACHE:-$$HOME/.cache/dpr-lens}
