@@ -6,8 +6,9 @@ import streamlit as st
 from core.retrieval import MAX_K, QueryError, compare_rankings, retrieve
 from ui.render import STYLE, escape, hit_card
 from ui.state import (query_box, require_corpus, require_indexes, require_pair, result_cache,
-                      select_passage, selected_passage)
+                      select_passage, selected_passage, sidebar)
 
+sidebar()
 st.title("DPR Lens: retrieval")
 pair = require_pair()
 corpus = require_corpus()

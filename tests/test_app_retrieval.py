@@ -1,4 +1,5 @@
 """The retrieval page on the real offline pair over the full corpus (prebuilt embeddings)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,42 @@ def test_top_k_changes_the_list_length(app):
     app.number_input(key="top_k").set_value(3).run()
     assert not app.exception
     assert _markdown(app).count('class="lens-hit"') == 6
+
+
+def test_unknown_custom_model_gives_one_clear_sentence(app, monkeypatch):
+    monkeypatch.setattr("core.pair.hub_reachable", lambda timeout=3.0: False)
+    app.selectbox(key="pair_key").set_value("custom").run()
+    assert any("Enter model A and model B" in info.value for info in app.info)
+    app.text_input(key="custom_a").set_value("no-such-org/no-such-model")
+    app.text_input(key="custom_b").set_value("another/missing-model").run()
+    assert not app.exception
+    assert any("no model hub is reachable" in error.value for error in app.error)
+
+
+def test_custom_corpus_with_hostile_text_and_a_bad_line(app, tmp_path):
+    corpus = tmp_path / "hostile.jsonl"
+    corpus.write_text("\n".join([
+        json.dumps({"id": "x", "title": "<script>alert(1)</script>", "text": "<img src=x onerror=alert(2)> a passage about opera"}),
+        "{broken",
+        json.dumps({"id": "y", "title": "Carmen", "text": "Carmen is an opera by Georges Bizet."}),
+    ]) + "\n")
+    app.text_input(key="corpus_path").set_value(str(corpus))
+    app.text_input(key="query_input").set_value("opera").run()
+    assert not app.exception
+    html = _markdown(app)
+    assert html.count('class="lens-hit"') == 4  # top-10 of a 2-passage corpus, both models
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html and "<img" not in html
+    assert any("line 2" in text.value for text in app.text)
+
+
+def test_switching_to_an_unreachable_hub_pair_shows_no_stale_results(app, monkeypatch):
+    monkeypatch.setattr("core.pair.hub_reachable", lambda timeout=3.0: False)
+    app.text_input(key="query_input").set_value("opera").run()
+    assert _markdown(app).count('class="lens-hit"') == 20
+    app.selectbox(key="pair_key").set_value("paper").run()
+    assert not app.exception
+    assert any("no model hub is reachable" in error.value for error in app.error)
+    assert 'class="lens-hit"' not in _markdown(app)
+    app.selectbox(key="pair_key").set_value("offline").run()
+    assert _markdown(app).count('class="lens-hit"') == 20

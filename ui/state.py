@@ -58,30 +58,47 @@ def corpus_limit() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+def _keep(key: str, default) -> None:
+    """Streamlit drops a widget's state on a page switch; restore it from a plain session key."""
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(f"kept_{key}", default)
+
+
+def _remember(*keys: str) -> None:
+    for key in keys:
+        st.session_state[f"kept_{key}"] = st.session_state[key]
+
+
 def sidebar() -> Selection:
-    """Pair and corpus pickers; lives in app.py so it persists across pages."""
+    """Pair and corpus pickers. Every page calls this first, so the pickers exist whichever script
+    Streamlit runs (AppTest re-runs only the page script when a pages/ folder exists)."""
     st.sidebar.header("Model pair")
     options = list(PRESETS) + [CUSTOM]
+    _keep("pair_key", DEFAULT_PRESET)
     pair_key = st.sidebar.selectbox(
-        "Pair", options, index=options.index(DEFAULT_PRESET), key="pair_key",
+        "Pair", options, key="pair_key",
         format_func=lambda key: PRESETS[key].title if key in PRESETS else "Custom: hub ids or local paths",
     )
-    selection = Selection(pair_key)
+    custom = ["", "", ""]
     if pair_key == CUSTOM:
-        selection = Selection(
-            pair_key,
-            st.sidebar.text_input("Model A (id or path)", key="custom_a").strip(),
-            st.sidebar.text_input("Model B (id or path; query encoder for DPR)", key="custom_b").strip(),
-            st.sidebar.text_input("Model B context encoder (optional)", key="custom_b_context").strip(),
-        )
-    elif pair_key in PRESETS:
+        labels = {"custom_a": "Model A (id or path)",
+                  "custom_b": "Model B (id or path; query encoder for DPR)",
+                  "custom_b_context": "Model B context encoder (optional)"}
+        for position, (key, label) in enumerate(labels.items()):
+            _keep(key, "")
+            custom[position] = st.sidebar.text_input(label, key=key).strip()
+        _remember(*labels)
+    else:
         st.sidebar.caption(PRESETS[pair_key].description)
     st.sidebar.header("Corpus")
+    _keep("corpus_path", "")
     corpus_path = st.sidebar.text_input(
         "Custom corpus (JSONL path: id, title, text per line; empty = bundled Wikipedia)", key="corpus_path"
     ).strip()
-    return Selection(selection.pair_key, selection.custom_a, selection.custom_b,
-                     selection.custom_b_context, corpus_path)
+    _remember("pair_key", "corpus_path")
+    selection = Selection(pair_key, *custom, corpus_path)
+    st.session_state["selection"] = selection
+    return selection
 
 
 def current_selection() -> Selection:
