@@ -1,4 +1,4 @@
-"""Command line: python -m core {train, build-index, evaluate, probe, neurons-aggregate}."""
+"""Command line: python -m core {train, build-index, evaluate, probe, neurons-aggregate, token-ig}."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,8 @@ from .index import load_index, save_prebuilt
 from .neuron_attribution import SITES, aggregate_neurons, aggregate_sample
 from .pair import PRESETS, ModelLoadError, ModelSpec, load_encoder, load_pair
 from .probing import NEGATIVE_SOURCES, ProbeConfig, ProbeError, format_table, run_probing
+from .retrieval import QueryError, retrieve
+from .token_attribution import METHODS, TOP_K, AttributionError, IGSettings, cached_ranking, word_sums
 from .training import TrainConfig, save_twin, train_dpr
 
 
@@ -214,7 +216,7 @@ def cmd_neurons_aggregate(args) -> None:
             bar.refresh()
 
         started = time.perf_counter()
-        aggregates[name] = aggregate_neurons(encoder, index, queries, cache, args.steps, update)
+        aggregates[name] = aggregate_neurons(encoder, index, corpus, queries, cache, args.steps, update)
         bar.close()
         print(f"model {name}: {len(queries)} queries in {time.perf_counter() - started:.1f} s")
     print(f"Figure 1 of arXiv 2402.11035 on {corpus.name}: {len(queries)} held-out description queries "
@@ -230,6 +232,28 @@ def cmd_neurons_aggregate(args) -> None:
         strong = aggregate.strongly_activated(args.threshold)
         print(f"{name}: strongly activated per query (Table 2), mean: " +
               ", ".join(f"{site} {strong[site].mean():.1f}" for site in SITES))
+
+
+def cmd_token_ig(args) -> None:
+    pair = load_pair(args.pair)
+    corpus = _load_corpus(args.corpus)
+    cache = ResultCache(args.cache)
+    settings = IGSettings(args.steps, args.method)
+    for name, encoder in pair.models.items():
+        index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        ranking = retrieve(encoder, index, corpus, args.query, TOP_K, cache=cache)
+        started = time.perf_counter()
+        result = cached_ranking(cache, encoder, corpus, ranking.query.text, ranking.indices, settings,
+                                progress=_tqdm_progress(f"model {name}: token IG (query runs + passages)"))
+        worst = max([result.query_total] + [s for p in result.pairs for s in (p.query, p.passage)],
+                    key=lambda attribution: attribution.relative_delta)
+        print(f"model {name} ({encoder.label}): top-{len(result.pairs)} attributions in "
+              f"{time.perf_counter() - started:.1f} s; largest completeness delta {worst.relative_delta:.2%}")
+        print("  query: " + "  ".join(f"{w.text} {w.score:+.4f}" for w in result.query_total.words()))
+        table = word_sums([p.passage for p in result.pairs], drop_stopwords=True)
+        for label, rows in (("positive", table[table.total > 0].head(args.words)),
+                            ("negative", table[table.total < 0].tail(args.words)[::-1])):
+            print(f"  {label} passage words: " + ", ".join(f"{w} {t:+.3f}" for w, t in zip(rows.word, rows.total)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,8 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     neurons.add_argument("--threshold", type=float, default=0.1, help="t, for the printed counts only")
     neurons.set_defaults(func=cmd_neurons_aggregate)
 
+    token_ig = commands.add_parser("token-ig", help="token Integrated Gradients for a query and both models' "
+                                   f"top-{TOP_K} passages (fills the cache the page reads)")
+    token_ig.add_argument("query")
+    token_ig.add_argument("--pair", default="offline", choices=sorted(PRESETS))
+    token_ig.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
+    token_ig.add_argument("--steps", type=int, default=IGSettings().n_steps)
+    token_ig.add_argument("--method", default=IGSettings().method, choices=METHODS)
+    token_ig.add_argument("--words", type=int, default=10, help="words printed per sign")
+    token_ig.set_defaults(func=cmd_token_ig)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ModelLoadError, CorpusError, QueryFileError, ProbeError) as error:
+    except (ModelLoadError, CorpusError, QueryFileError, ProbeError, QueryError, AttributionError) as error:
         parser.exit(2, f"error: {error}\n")

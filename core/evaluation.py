@@ -1,15 +1,18 @@
-"""Retrieval quality on labelled queries: recall@k, MRR@10, nDCG@10, with bootstrap intervals."""
+"""Retrieval quality on labelled queries: recall@k, MRR@10, nDCG@10 with bootstrap intervals, the
+paired B - A difference, per-query wins/losses, and a user's JSONL of labelled queries."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from .cache import ResultCache
 from .corpus import Corpus, LabelledQuery
 from .index import DenseIndex, load_index
-from .pair import Encoder
+from .pair import Encoder, ModelPair
 
 RECALL_AT = (1, 5, 10, 100)
 DEPTH = 100
@@ -20,7 +23,7 @@ def per_query_metrics(ranked: np.ndarray, relevant: Sequence[frozenset[int]]) ->
     hits = np.array([[index in gold for index in row] for row, gold in zip(ranked, relevant)], dtype=bool)
     first = np.where(hits.any(1), hits.argmax(1), -1)
     metrics = {f"R@{k}": hits[:, :k].any(1).astype(float) for k in RECALL_AT if k <= hits.shape[1]}
-    metrics["MRR@10"] = np.where((first >= 0) & (first < 10), 1.0 / (first + 1), 0.0)
+    metrics["MRR@10"] = np.where((first >= 0) & (first < 10), 1.0 / np.maximum(first + 1, 1), 0.0)
     discounts = 1.0 / np.log2(np.arange(2, 12))
     depth = min(10, hits.shape[1])
     dcg = (hits[:, :depth] * discounts[:depth]).sum(1)
@@ -72,3 +75,125 @@ def evaluate_encoder(encoder: Encoder, corpus: Corpus, queries: Sequence[Labelle
         return evaluate_ranked(encoder.label, ranked, queries)
 
     return cache.get_or_compute("evaluation", params, compute)
+
+
+def evaluate_pair(pair: ModelPair, corpus: Corpus, queries: Sequence[LabelledQuery], cache: ResultCache,
+                  indexes: dict[str, DenseIndex] | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Evaluation]:
+    """Both models of a pair on the same queries; progress(model name, done, total) while indexing."""
+    results = {}
+    for name, encoder in pair.models.items():
+        report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+        results[name] = evaluate_encoder(encoder, corpus, queries, cache,
+                                         index=(indexes or {}).get(name), progress=report)
+    return results
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], samples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of b - a over the same queries, with a paired bootstrap interval (queries resampled together)."""
+    difference = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    low, high = bootstrap_interval(difference, samples, seed, level)
+    return float(difference.mean()), low, high
+
+
+# ---- per-query wins and losses ------------------------------------------------------------------
+
+B_WINS, A_WINS, BOTH, NEITHER = "B only", "A only", "both", "neither"
+OUTCOMES = (B_WINS, A_WINS, BOTH, NEITHER)
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    position: int
+    query: str
+    gold: tuple[int, ...]
+    rank_a: int | None  # rank of the first relevant passage in the top DEPTH, None if absent
+    rank_b: int | None
+    outcome: str
+
+
+def first_relevant_rank(ranked: Sequence[int], relevant: frozenset[int]) -> int | None:
+    for rank, index in enumerate(ranked, start=1):
+        if index in relevant:
+            return rank
+    return None
+
+
+def wins_losses(queries: Sequence[LabelledQuery], a: Evaluation, b: Evaluation, k: int = 1) -> list[QueryOutcome]:
+    """Per query: does each model put a relevant passage in its top k? 'B only' = B gets it, A misses."""
+    outcomes = []
+    for position, (query, ranked_a, ranked_b) in enumerate(zip(queries, a.ranked, b.ranked)):
+        rank_a = first_relevant_rank(ranked_a, query.relevant)
+        rank_b = first_relevant_rank(ranked_b, query.relevant)
+        hit_a, hit_b = rank_a is not None and rank_a <= k, rank_b is not None and rank_b <= k
+        outcome = {(False, True): B_WINS, (True, False): A_WINS, (True, True): BOTH}.get((hit_a, hit_b), NEITHER)
+        outcomes.append(QueryOutcome(position, query.text, tuple(sorted(query.relevant)), rank_a, rank_b, outcome))
+    return outcomes
+
+
+def outcome_counts(outcomes: Sequence[QueryOutcome]) -> dict[str, int]:
+    return {name: sum(o.outcome == name for o in outcomes) for name in OUTCOMES}
+
+
+# ---- a user's labelled queries ------------------------------------------------------------------
+
+GOLD_KEYS = ("gold_ids", "gold_id", "gold")
+QUERY_FILE_FORMAT = 'one JSON object per line: {"query": "...", "gold_ids": ["<passage id>", ...]} (or "gold_id": "<id>")'
+
+
+class QueryFileError(ValueError):
+    """A labelled-query file that cannot be used; the message names the bad lines."""
+
+
+def _gold_ids(record: dict) -> list[str] | None:
+    for key in GOLD_KEYS:
+        if key in record:
+            value = record[key]
+            values = value if isinstance(value, list) else [value]
+            if values and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+                return [str(v) for v in values]
+            return None
+    return None
+
+
+def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query file") -> list[LabelledQuery]:
+    """Labelled queries from JSONL lines; any bad line is an error naming its line number."""
+    position = {passage_id: index for index, passage_id in enumerate(corpus.ids)}
+    queries, problems = [], []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"line {line_number}: not valid JSON ({error.msg})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"line {line_number}: not a JSON object")
+            continue
+        text = record.get("query")
+        gold = _gold_ids(record)
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"line {line_number}: missing a non-empty \"query\"")
+        elif gold is None:
+            problems.append(f"line {line_number}: missing gold passage ids (\"gold_ids\": [...] or \"gold_id\")")
+        elif unknown := [g for g in gold if g not in position]:
+            problems.append(f"line {line_number}: gold id {unknown[0]!r} is not in corpus {corpus.name}")
+        else:
+            relevant = [position[g] for g in gold]
+            queries.append(LabelledQuery(text.strip(), relevant[0], frozenset(relevant)))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise QueryFileError(f"{source}: {len(problems)} bad line(s): {shown}. Expected {QUERY_FILE_FORMAT}.")
+    if not queries:
+        raise QueryFileError(f"{source} has no queries. Expected {QUERY_FILE_FORMAT}.")
+    return queries
+
+
+def load_query_file(path: str | Path, corpus: Corpus) -> list[LabelledQuery]:
+    path = Path(path)
+    if not path.is_file():
+        raise QueryFileError(f"Query file {path} does not exist.")
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return parse_query_lines(handle, corpus, path.name)

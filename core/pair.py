@@ -252,11 +252,12 @@ class Tower:
         return self.backbone.get_input_embeddings()
 
     def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+                 max_length: int | None = None, **options) -> dict[str, torch.Tensor]:
+        """options go to the tokenizer (e.g. return_offsets_mapping); forward() ignores extra keys."""
         return self.tokenizer(
             list(texts), list(pairs) if pairs is not None else None, padding=True,
             truncation="longest_first" if pairs is None else "only_second",
-            max_length=min(max_length or self.max_length, self.max_length), return_tensors="pt",
+            max_length=min(max_length or self.max_length, self.max_length), return_tensors="pt", **options,
         )
 
     def token_count(self, text: str) -> int:

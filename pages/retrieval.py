@@ -77,8 +77,8 @@ if overlap.shared:
     ).properties(title="Rank of passages retrieved by both models", height=260)
     st.altair_chart(chart, use_container_width=True)
 
-union = list(dict.fromkeys(rankings["A"].indices + rankings["B"].indices))
 current = selected_passage(corpus)
+union = list(dict.fromkeys(rankings["A"].indices + rankings["B"].indices + ([current] if current is not None else [])))
 choice = st.selectbox(
     "Passage to analyse on the other pages", union,
     index=union.index(current) if current in union else 0,

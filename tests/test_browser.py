@@ -21,6 +21,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic"]
+TITLES = {"Retrieval": "DPR Lens: retrieval", "Token attributions": "Token attributions",
+          "Knowledge neurons": "Knowledge neurons", "Probing & evaluation": "Probing & evaluation"}
 QUERIES = {"country in Western Europe": "France", "1968 film by Stanley Kubrick": "2001: A Space Odyssey"}
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (make browser)")
@@ -88,15 +90,17 @@ def test_every_page_renders_without_an_exception(server, browser):
     _assert_no_exception(page)
     page.screenshot(path=str(ARTIFACTS / "retrieval.png"), full_page=True)
     links = page.locator('[data-testid="stSidebarNavLink"]')
-    names = [links.nth(i).inner_text().strip() for i in range(links.count())]
-    for name in names:
-        page.locator('[data-testid="stSidebarNavLink"]', has_text=name).click()
-        page.wait_for_load_state("networkidle")
+    assert links.count() == 4
+    for number in range(links.count()):
+        name = links.nth(number).inner_text().strip().splitlines()[-1]
+        links.nth(number).click()
+        page.locator("h1", has_text=TITLES[name]).wait_for(timeout=120_000)
         page.wait_for_function(
-            "!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+            "document.querySelector('[data-testid=\"stApp\"]').dataset.testScriptState === 'notRunning'",
+            timeout=300_000)
         _assert_no_exception(page)
-        page.screenshot(path=str(ARTIFACTS / f"page-{re.sub(r'\W+', '-', name).strip('-').lower()}.png"),
-                        full_page=True)
+        slug = re.sub(r"\W+", "-", name).strip("-").lower()
+        page.screenshot(path=str(ARTIFACTS / f"page-{slug}.png"), full_page=True)
     page.close()
 
 
