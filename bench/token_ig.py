@@ -24,7 +24,8 @@ from core.pair import Encoder, ModelSpec, load_encoder, load_pair
 from core.retrieval import retrieve
 from core.token_attribution import (DEFAULT_METHOD, DEFAULT_STEPS, DELTA_TOLERANCE, TOP_K, IGSettings,
                                     attribute_pair, attribute_passages, attribute_queries, cached_deletion_curve,
-                                    cached_ranking, pad_baseline, passage_embeddings, word_sums)
+                                    cached_ranking, cloud_weights, pad_baseline, passage_embeddings, word_sums)
+from ui.token_views import attribution_frame, attribution_json, deletion_chart, render_cloud_png, tokens_html
 
 RESULTS = Path(__file__).with_name("results_token_ig.md")
 SWEEP = {"gausslegendre": (8, 12, 16, 20, 24, 32), "riemann_middle": (16, 32), "riemann_trapezoid": (16, 32)}
@@ -90,9 +91,22 @@ def _timed(function) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def run() -> list[dict]:
+def _render_views(ranking, curves, corpus) -> None:
+    """What the page builds from the results on every rerun (word clouds excepted: see cloud_s)."""
+    for attribution in [ranking.query_total, ranking.pairs[0].query, ranking.pairs[0].passage]:
+        tokens_html(attribution)
+    table = word_sums([p.passage for p in ranking.pairs], drop_stopwords=True)
+    cloud_weights(table, "positive"), cloud_weights(table, "negative")
+    attribution_frame(ranking, corpus).to_csv(index=False)
+    attribution_json(ranking, corpus, "model", IGSettings().params())
+    deletion_chart(curves).to_dict()
+
+
+def run(index_cache: ResultCache | None = None) -> list[dict]:
+    """index_cache holds the corpus embeddings (default: the app's cache); attributions go to a fresh cache."""
     pair = load_pair("offline")
     corpus = load_wiki()
+    index_cache = index_cache or ResultCache()
     query, title, text = typical_pairs(1)[0]
     rows = []
     for name, encoder in pair.models.items():
@@ -100,33 +114,41 @@ def run() -> list[dict]:
         baseline_s, _ = _timed(lambda: captum_defaults_pair(encoder, query, title, text))
         rows.append({"name": f"one pair IG, both sides, model {name}", "ours_s": ours_s, "baseline_s": baseline_s,
                      "ratio": baseline_s / ours_s,
-                     "note": f"ours {DEFAULT_STEPS} steps {DEFAULT_METHOD} batched, no weight grads; captum "
-                             f"defaults 50 steps internal_batch_size=1"})
+                     "note": f"ours: {DEFAULT_STEPS} steps {DEFAULT_METHOD}, steps batched, no weight grads; "
+                             "captum defaults: 50 steps, internal_batch_size=1"})
     with tempfile.TemporaryDirectory() as directory:
         cache = ResultCache(directory)
-        first, repeat = {}, {}
+        first, repeat, tokens = {}, {}, {}
         for name, encoder in pair.models.items():
-            index = load_index(encoder, corpus, cache)
+            index = load_index(encoder, corpus, index_cache)
             hits = retrieve(encoder, index, corpus, QUERY, TOP_K, cache=cache).indices
+            tokens[name] = sum(len(encoder.context.tokenize([corpus.titles[i]], [corpus.texts[i]], 256)["input_ids"][0])
+                               for i in hits)
             first[name], ranking = _timed(lambda: cached_ranking(cache, encoder, corpus, QUERY, hits))
-            top = ranking.pairs[0]
-            deletion_s, _ = _timed(lambda: [cached_deletion_curve(cache, encoder, top, side)
-                                            for side in ("query", "passage")])
+            deletion_s, curves = _timed(lambda: {side: cached_deletion_curve(cache, encoder, ranking.pairs[0], side)
+                                                 for side in ("query", "passage")})
             rows.append({"name": f"top-{TOP_K} analysis, model {name}", "ours_s": first[name], "baseline_s": None,
-                         "ratio": None, "note": f"query total + {TOP_K} x (query, passage) IG; deletion curves "
-                                                f"of the top passage (both sides) {deletion_s:.2f} s more"})
+                         "ratio": None,
+                         "note": f"query total + {TOP_K} x (query, passage), {tokens[name]} passage tokens; "
+                                 f"deletion curves of the top passage (both sides): {deletion_s:.2f} s more"})
 
             def cached_repeat(encoder=encoder, hits=hits):
                 ranking = cached_ranking(cache, encoder, corpus, QUERY, hits)
-                word_sums([p.passage for p in ranking.pairs], drop_stopwords=True)
-                for side in ("query", "passage"):
-                    cached_deletion_curve(cache, encoder, ranking.pairs[0], side)
+                curves = {side: cached_deletion_curve(cache, encoder, ranking.pairs[0], side)
+                          for side in ("query", "passage")}
+                _render_views(ranking, curves, corpus)
 
             repeat[name], _ = _timed(cached_repeat)
+            cloud_s, _ = _timed(lambda: [render_cloud_png(cloud_weights(word_sums(
+                [p.passage for p in ranking.pairs], drop_stopwords=True), sign), "Blues")
+                for sign in ("positive", "negative")])
         rows.append({"name": f"top-{TOP_K} analysis, both models", "ours_s": sum(first.values()), "baseline_s": None,
-                     "ratio": None, "note": "goal <= 60 s"})
+                     "ratio": None, "note": f"goal <= 60 s; query '{QUERY}'"})
         rows.append({"name": "cached repeat, both models", "ours_s": sum(repeat.values()), "baseline_s": None,
-                     "ratio": None, "note": "rankings + word tables + deletion curves from the disk cache; goal <= 1 s"})
+                     "ratio": None, "note": "rankings and deletion curves from the disk cache + the page's HTML, "
+                                            "tables, CSV/JSON and chart specs; goal <= 1 s"})
+        rows.append({"name": "word clouds of one model, uncached", "ours_s": cloud_s, "baseline_s": None,
+                     "ratio": None, "note": "two PNGs; the page keeps them in st.cache_data"})
         cache.close()
     return rows
 
@@ -154,6 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", action="store_true", help="completeness delta vs n_steps and method")
     parser.add_argument("--models", default="AB", help="for --sweep: A, B or AB (B needs the trained twin)")
+    parser.add_argument("--cache", help="cache holding the corpus embeddings (default: $DPR_LENS_CACHE or "
+                                        "~/.cache/dpr-lens); attributions are timed in a fresh cache")
     args = parser.parse_args()
     if args.sweep:
         specs = {"A": ModelSpec("A", "minilm:")}
@@ -162,7 +186,7 @@ def main() -> None:
         rows = sweep({name: load_encoder(spec) for name, spec in specs.items() if name in args.models})
         heading = "## Completeness sweep (relative delta |Σattr - (s(x) - s(b))| / |s(x) - s(b)|)"
     else:
-        rows = run()
+        rows = run(ResultCache(args.cache) if args.cache else None)
         heading = "## Speed"
     text = f"{heading}\n\n{machine()}\n\n{table(rows)}\n"
     print(text)

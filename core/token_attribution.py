@@ -28,13 +28,15 @@ from .pair import Encoder, Tower
 Progress = Callable[[int, int], None]
 Side = Literal["query", "passage"]
 METHODS: tuple[str, ...] = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
-# Chosen by bench.token_ig --sweep on the offline model (see bench/results_token_ig.md).
+# The smallest Gauss-Legendre step count with delta < DELTA_TOLERANCE on all 20 typical (description query,
+# article) pairs, both sides, both offline models (python -m bench.token_ig --sweep; bench/results_token_ig.md).
 DEFAULT_STEPS = 20
 DEFAULT_METHOD = "gausslegendre"
 DELTA_TOLERANCE = 0.01  # of |s(x) - s(baseline)|
 TOP_K = 25
-# Tokens per forward pass: big enough for efficient matmuls, small enough for memory (attention is O(L^2)).
-TOKEN_BUDGET = 8192
+# Tokens per forward pass: fwd+bwd throughput on the 2-core CPU was flat from 2048 to 8192 tokens and fell
+# below that; smaller passes keep memory low (attention is O(L^2)).
+TOKEN_BUDGET = 4096
 FORMAT_VERSION = 1
 STOPWORDS = frozenset(STOPWORDS_EN_PLUS)
 
@@ -357,7 +359,7 @@ def cached_ranking(cache: ResultCache, encoder: Encoder, corpus: Corpus, query: 
     )
 
 
-def deletion_curve(encoder: Encoder, pair: PairAttribution, side: Side, k_max: int = 10, random_orders: int = 5,
+def deletion_curve(encoder: Encoder, pair: PairAttribution, side: Side, k_max: int = 10, random_orders: int = 3,
                    seed: int = 0, settings: IGSettings = IGSettings()) -> DeletionCurve:
     """Replace the k most attributed tokens (or k random ones) of one side by [PAD], k = 0..K, and rescore.
 
@@ -397,7 +399,7 @@ def deletion_curve(encoder: Encoder, pair: PairAttribution, side: Side, k_max: i
 
 
 def cached_deletion_curve(cache: ResultCache, encoder: Encoder, pair: PairAttribution, side: Side, k_max: int = 10,
-                          random_orders: int = 5, seed: int = 0, settings: IGSettings = IGSettings()) -> DeletionCurve:
+                          random_orders: int = 3, seed: int = 0, settings: IGSettings = IGSettings()) -> DeletionCurve:
     query, title, text = pair.query.segments[0], *pair.passage.segments
     params = {"model": encoder.fingerprint, "query": query, "title": title, "text": text, "side": side,
               "k_max": k_max, "random_orders": random_orders, "seed": seed, **settings.params()}

@@ -85,8 +85,7 @@ def show_tokens(attribution: TokenAttribution) -> None:
     show_completeness(attribution)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def cloud_png(weights: dict[str, float], colormap: str) -> bytes:
+def render_cloud_png(weights: dict[str, float], colormap: str) -> bytes:
     from wordcloud import WordCloud
 
     cloud = WordCloud(width=480, height=300, background_color="white", colormap=colormap,
@@ -94,6 +93,9 @@ def cloud_png(weights: dict[str, float], colormap: str) -> bytes:
     buffer = io.BytesIO()
     cloud.generate_from_frequencies(weights).to_image().save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+cloud_png = st.cache_data(show_spinner=False, max_entries=64)(render_cloud_png)
 
 
 def deletion_chart(curves: dict[str, DeletionCurve]) -> alt.Chart:
