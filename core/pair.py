@@ -22,6 +22,8 @@ Pooling = Literal["cls", "mean", "pooler"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TWIN_DIR = ASSETS / "minilm-wiki-dpr"
+MINI_BERT_DIR = ASSETS / "mini-bert-wiki"
+MINI_BERT_DPR_DIR = ASSETS / "mini-bert-wiki-dpr"
 LENS_CONFIG = "dpr_lens.json"
 
 
@@ -73,6 +75,18 @@ PRESETS: dict[str, PairSpec] = {
         description=(
             "A is sentence-transformers/all-MiniLM-L6-v2, a general-purpose retriever (not a plain "
             "pre-trained LM); B is the same model after DPR training on the bundled Wikipedia corpus. "
+            "Runs with no model hub."
+        ),
+        needs_hub=False,
+    ),
+    "mini-paper": PairSpec(
+        key="mini-paper",
+        title="Mini paper: MLM pre-trained mini-BERT vs its Wikipedia-DPR twin",
+        a=ModelSpec("mini-BERT-Wiki (MLM pre-trained only)", str(MINI_BERT_DIR), pooling="cls", normalize=False),
+        b=ModelSpec("mini-BERT-Wiki-DPR (A after DPR training)", str(MINI_BERT_DPR_DIR)),
+        description=(
+            "The paper's comparison in miniature: A is a 4-layer BERT pre-trained here with masked-LM only "
+            "on the bundled Wikipedia; B is the same model after DPR training (CLS pooling, dot product). "
             "Runs with no model hub."
         ),
         needs_hub=False,
@@ -379,6 +393,10 @@ def load_pair(spec: PairSpec | str) -> ModelPair:
         if spec not in PRESETS:
             raise ModelLoadError(f"Unknown preset '{spec}'; choose one of {', '.join(PRESETS)}.")
         spec = PRESETS[spec]
-    if spec.key == "offline" and not (TWIN_DIR / "config.json").is_file():
-        raise ModelLoadError(f"The offline twin is missing from {TWIN_DIR}; run `python -m core train`.")
+    if not spec.needs_hub:
+        for model in (spec.a, spec.b):
+            source = resolve_source(model.query_source)
+            if not (Path(source) / "config.json").is_file():
+                raise ModelLoadError(f"'{model.label}' is missing from {source}; see the README's "
+                                     "'Make your own twin' section for the command that builds it.")
     return ModelPair(spec, load_encoder(spec.a), load_encoder(spec.b))

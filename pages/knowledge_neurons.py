@@ -4,11 +4,12 @@ import streamlit as st
 
 from core.neuron_attribution import (DEFAULT_STEPS, DEFAULT_THRESHOLD, NeuronSiteError, aggregate_neurons,
                                      aggregate_sample, attribute_passage, attribute_query, cached_aggregate)
+from core.cloze import ClozeError, fill_in_blank
 from core.retrieval import QueryError
-from core.suppression import DEFAULT_MAX_K, curve_ks, suppression_curve
+from core.suppression import DEFAULT_MAX_K, curve_ks, ranked_neurons, suppression_curve
 from ui import neuron_views as views
 from ui.render import escape
-from ui.state import (query_box, require_corpus, require_indexes, require_pair, result_cache, selected_passage,
+from ui.state import (cloze_model, query_box, require_corpus, require_indexes, require_pair, result_cache, selected_passage,
                       sidebar)
 
 sidebar()
@@ -149,3 +150,25 @@ titles = [{"model": name, "k": k, "rank of passage": rank,
           for name, curve in curves.items() for k, rank, top in zip(curve.ks, curve.ranks, curve.top)
           if k in (curve.ks[0], curve.ks[-1])]
 st.dataframe(titles, hide_index=True)
+
+clozes = {name: cloze_model(encoder) for name, encoder in pair.models.items()}
+if any(clozes.values()):
+    st.header("Fill in the blank: does the model know the fact?")
+    st.caption("As Dai et al. check knowledge: the masked-LM head's top words for the blank, then the same "
+               f"with this query's top-{max_k} query-tower neurons (from the retrieval attribution above) zeroed.")
+    prompt = st.text_input("Prompt with one blank ([MASK] or ___)", "The capital of France is [MASK].",
+                           max_chars=500, key="kn_cloze")
+    for name, cloze in clozes.items():
+        if cloze is None:
+            st.caption(f"Model {name} ({escape(pair.models[name].label)}) has no masked-LM head.")
+            continue
+        try:
+            before = fill_in_blank(cloze, prompt)
+            after = fill_in_blank(cloze, prompt, zeroed=ranked_neurons(query_side[name].attribution, max_k))
+        except ClozeError as error:
+            st.info(str(error))
+            break
+        st.markdown(f"**{name}: {escape(pair.models[name].label)}**")
+        st.dataframe(views.cloze_frame(before, after), hide_index=True,
+                     column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                    for c in ("probability", "probability, neurons zeroed")})

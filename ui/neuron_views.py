@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from core.neuron_attribution import SITES, NeuronAggregate, NeuronAttribution, above_threshold
+from core.cloze import Prediction
 from core.suppression import SuppressionCurve
 
 NEURON_BINS = 64
@@ -148,3 +149,10 @@ def png_bytes(chart: alt.TopLevelMixin) -> Callable[[], bytes]:
         chart.save(buffer, format="png", scale_factor=2)
         return buffer.getvalue()
     return render
+
+
+def cloze_frame(before: list[Prediction], after: list[Prediction]) -> pd.DataFrame:
+    return pd.DataFrame({"rank": range(1, len(before) + 1),
+                         "word": [p.word for p in before], "probability": [p.probability for p in before],
+                         "word, neurons zeroed": [p.word for p in after],
+                         "probability, neurons zeroed": [p.probability for p in after]})

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core.cache import ResultCache
+from core.cloze import ClozeModel, has_mlm_head, load_cloze_model
 from core.corpus import Corpus, CorpusError, load_jsonl, load_wiki
 from core.index import DenseIndex, load_index
-from core.pair import DEFAULT_PRESET, PRESETS, ModelLoadError, ModelPair, custom_pair, load_pair
+from core.pair import DEFAULT_PRESET, PRESETS, Encoder, ModelLoadError, ModelPair, custom_pair, load_pair
 
 log = logging.getLogger("dpr_lens")
 CORPUS_LIMIT_ENV = "DPR_LENS_CORPUS_LIMIT"
@@ -46,6 +47,16 @@ def _load_corpus(path: str, limit: int | None) -> Corpus:
 @st.cache_resource
 def result_cache() -> ResultCache:
     return ResultCache()
+
+
+@st.cache_resource(show_spinner="Loading the masked-LM head…")
+def _cloze_model(fingerprint: str, _encoder: Encoder) -> ClozeModel:
+    return load_cloze_model(_encoder)
+
+
+def cloze_model(encoder: Encoder) -> ClozeModel | None:
+    """The encoder's masked-LM model, or None when it was saved without an MLM head."""
+    return _cloze_model(encoder.fingerprint, encoder) if has_mlm_head(encoder) else None
 
 
 @st.cache_resource

@@ -1,0 +1,81 @@
+"""MLM pre-training of a mini-BERT and the fill-in-the-blank check on its MLM head."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from core.cloze import ClozeError, fill_in_blank, has_mlm_head, load_cloze_model
+from core.pair import ModelSpec, load_encoder
+from core.pretraining import PretrainConfig, is_mlm_validation, pretrain_mlm, save_pretrained_model
+from core.suppression import Neuron
+
+TINY = dict(vocab_size=800, layers=2, hidden=32, heads=2, intermediate=64, max_length=64, batch_size=8,
+            learning_rate=3e-3, eval_every=15, validation_percent=20)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, wiki_slice):
+    config = PretrainConfig(output=str(tmp_path_factory.mktemp("mini") / "mini-bert"), max_steps=30, **TINY)
+    model, tokenizer, report = pretrain_mlm(config, wiki_slice, progress=False)
+    return save_pretrained_model(model, tokenizer, config, report), report
+
+
+def test_validation_slice_is_fixed_and_disjoint_from_training(wiki_slice, pretrained):
+    _, report = pretrained
+    validation = [t for t in wiki_slice.titles if is_mlm_validation(t, 20)]
+    assert 0 < len(validation) < len(wiki_slice)
+    assert report.validation_articles == len(validation)
+    assert report.train_articles == len(wiki_slice) - len(validation)
+
+
+def test_pretraining_lowers_the_held_out_mlm_loss(pretrained):
+    _, report = pretrained
+    first, last = report.evaluations[0], report.evaluations[-1]
+    assert [e["step"] for e in report.evaluations] == [15, 30]
+    assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
+    assert last["loss"] < np.log(TINY["vocab_size"])  # better than a uniform guess over the vocabulary
+    assert 0.0 <= first["accuracy"] <= 1.0 and last["masked_tokens"] > 0
+
+
+def test_saved_model_loads_as_an_encoder_and_as_a_masked_lm(pretrained):
+    directory, _ = pretrained
+    encoder = load_encoder(ModelSpec("mini", str(directory)))
+    assert (encoder.query.pooling, encoder.query.normalize) == ("cls", False)
+    again = load_encoder(ModelSpec("mini", str(directory)))
+    assert encoder.fingerprint == again.fingerprint  # no randomly initialised weights on load
+    vectors = encoder.encode_queries(["capital of france", "an opera"])
+    assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+    mlm = AutoModelForMaskedLM.from_pretrained(directory)
+    encoder_embeddings = encoder.query.backbone.embeddings.word_embeddings.weight
+    assert torch.equal(mlm.bert.embeddings.word_embeddings.weight, encoder_embeddings)
+
+
+def test_fill_in_blank_ranks_words_and_changes_when_neurons_are_zeroed(pretrained):
+    directory, _ = pretrained
+    encoder = load_encoder(ModelSpec("mini", str(directory)))
+    assert has_mlm_head(encoder)
+    cloze = load_cloze_model(encoder)
+    predictions = fill_in_blank(cloze, "paris is the capital of ___ .", top_k=5)
+    probabilities = [p.probability for p in predictions]
+    assert len(predictions) == 5 and probabilities == sorted(probabilities, reverse=True)
+    assert 0 < sum(probabilities) <= 1 + 1e-6
+    every_neuron = [Neuron("intermediate", layer, index, 1.0) for layer in range(2) for index in range(64)]
+    zeroed = fill_in_blank(cloze, "paris is the capital of [MASK] .", top_k=5, zeroed=every_neuron)
+    assert [p.probability for p in zeroed] != probabilities
+    assert fill_in_blank(cloze, "paris is the capital of [MASK] .", top_k=5) == predictions  # hooks removed
+
+
+@pytest.mark.parametrize("prompt", ["no blank here", "[MASK] and [MASK]", "   ", "___ ___"])
+def test_fill_in_blank_needs_exactly_one_blank(pretrained, prompt):
+    cloze = load_cloze_model(load_encoder(ModelSpec("mini", str(pretrained[0]))))
+    with pytest.raises(ClozeError, match="exactly one blank"):
+        fill_in_blank(cloze, prompt)
+
+
+def test_a_model_without_mlm_head_has_no_cloze(tiny_bert_dir):
+    encoder = load_encoder(ModelSpec("tiny", str(tiny_bert_dir)))
+    assert not has_mlm_head(encoder)
+    with pytest.raises(ClozeError, match="masked-LM head"):
+        load_cloze_model(encoder)
