@@ -1,9 +1,12 @@
 """MLM pre-training of a mini-BERT and the fill-in-the-blank check on its MLM head."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForMaskedLM
 
 from core.cloze import ClozeError, fill_in_blank, has_mlm_head, load_cloze_model
@@ -11,6 +14,7 @@ from core.pair import ModelSpec, load_encoder
 from core.pretraining import PretrainConfig, is_mlm_validation, pretrain_mlm, save_pretrained_model
 from core.suppression import Neuron
 
+APP = Path(__file__).resolve().parent.parent / "app.py"
 TINY = dict(vocab_size=800, layers=2, hidden=32, heads=2, intermediate=64, max_length=64, batch_size=8,
             learning_rate=3e-3, eval_every=15, validation_percent=20)
 
@@ -79,3 +83,23 @@ def test_a_model_without_mlm_head_has_no_cloze(tiny_bert_dir):
     assert not has_mlm_head(encoder)
     with pytest.raises(ClozeError, match="masked-LM head"):
         load_cloze_model(encoder)
+
+
+def test_neuron_page_fills_in_the_blank_for_a_model_with_an_mlm_head(pretrained, tiny_bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "120")
+    monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=240)
+    at.session_state["pair_key"] = "custom"
+    at.session_state["custom_a"] = str(pretrained[0])
+    at.session_state["custom_b"] = str(tiny_bert_dir)
+    at.switch_page("pages/knowledge_neurons.py").run()
+    at.text_input(key="query_input").input("capital of france").run()
+    assert not at.exception and not at.error
+    assert any("Fill in the blank" in header.value for header in at.header)
+    tables = [frame.value for frame in at.dataframe if "word, neurons zeroed" in frame.value.columns]
+    assert len(tables) == 1 and len(tables[0]) == 5  # model A has a head; model B (plain BertModel) has none
+    assert any("has no masked-LM head" in caption.value for caption in at.caption)
+
+    at.text_input(key="kn_cloze").input("<b>no blank</b>").run()
+    assert not at.exception
+    assert any("exactly one blank" in info.value for info in at.info)
