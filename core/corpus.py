@@ -64,6 +64,7 @@ class Corpus:
             titles=tuple(self.titles[i] for i in pick),
             texts=tuple(self.texts[i] for i in pick),
             descriptions=tuple(self.descriptions[i] for i in pick) if self.descriptions else (),
+            warnings=self.warnings,
         )
 
     def head(self, n: int) -> "Corpus":

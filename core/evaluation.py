@@ -13,6 +13,7 @@ from .cache import ResultCache
 from .corpus import Corpus, LabelledQuery
 from .index import DenseIndex, load_index
 from .pair import Encoder, ModelPair
+from .retrieval import clean_query
 
 RECALL_AT = (1, 5, 10, 100)
 DEPTH = 100
@@ -172,9 +173,9 @@ def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query
         if not isinstance(record, dict):
             problems.append(f"line {line_number}: not a JSON object")
             continue
-        text = record.get("query")
+        text = clean_query(record["query"]) if isinstance(record.get("query"), str) else ""
         gold = _gold_ids(record)
-        if not isinstance(text, str) or not text.strip():
+        if not text:
             problems.append(f"line {line_number}: missing a non-empty \"query\"")
         elif gold is None:
             problems.append(f"line {line_number}: missing gold passage ids (\"gold_ids\": [...] or \"gold_id\")")
@@ -182,7 +183,7 @@ def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query
             problems.append(f"line {line_number}: gold id {unknown[0]!r} is not in corpus {corpus.name}")
         else:
             relevant = [position[g] for g in gold]
-            queries.append(LabelledQuery(text.strip(), relevant[0], frozenset(relevant)))
+            queries.append(LabelledQuery(text, relevant[0], frozenset(relevant)))
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise QueryFileError(f"{source}: {len(problems)} bad line(s): {shown}. Expected {QUERY_FILE_FORMAT}.")

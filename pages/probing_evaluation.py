@@ -50,7 +50,7 @@ def labelled_queries():
     try:
         return parse_query_lines(text.splitlines(), corpus, name)
     except QueryFileError as error:
-        st.error(str(error))
+        st.error(escape(str(error)))
         return None
 
 
@@ -134,7 +134,7 @@ def probing_section() -> None:
                                                                            text=f"Probing: step {done}/{total}"))
         except ProbeError as error:
             bar.empty()
-            st.error(str(error))
+            st.error(escape(str(error)))
             return
         bar.empty()
     st.caption(f"{result.test_queries} held-out queries, probes fitted on {result.train_queries}; "

@@ -13,6 +13,7 @@ from core.cloze import ClozeModel, has_mlm_head, load_cloze_model
 from core.corpus import Corpus, CorpusError, load_jsonl, load_wiki
 from core.index import DenseIndex, load_index
 from core.pair import DEFAULT_PRESET, PRESETS, Encoder, ModelLoadError, ModelPair, custom_pair, load_pair
+from ui.render import escape
 
 log = logging.getLogger("dpr_lens")
 CORPUS_LIMIT_ENV = "DPR_LENS_CORPUS_LIMIT"
@@ -125,7 +126,7 @@ def require_pair() -> ModelPair:
     try:
         return _load_pair(selection)
     except ModelLoadError as error:
-        st.error(f"{error} Choose another pair in the sidebar; the offline pair always works.")
+        st.error(f"{escape(str(error))} Choose another pair in the sidebar; the offline pair always works.")
         st.stop()
 
 
@@ -134,7 +135,7 @@ def require_corpus() -> Corpus:
     try:
         corpus = _load_corpus(selection.corpus_path, corpus_limit())
     except CorpusError as error:
-        st.error(str(error))
+        st.error(escape(str(error)))
         st.stop()
     if corpus.warnings:
         with st.expander(f"{len(corpus.warnings)} corpus line(s) skipped"):
