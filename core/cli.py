@@ -58,6 +58,9 @@ def write_card(output: Path, command: str, config: TrainConfig, report, base_eva
     loss_end = sum(report.losses[-20:]) / max(1, len(report.losses[-20:]))
     base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
     epochs = report.steps * config.batch_size / report.train_pairs
+    lens = json.loads((output / 'dpr_lens.json').read_text())
+    similarity = (f"scaled cosine similarities (scale {config.scale})" if lens["normalize"]
+                  else "dot products (no normalisation, as in DPR)")
     text = f"""# {output.name} (DPR twin of {base})
 
 Made by DPR Lens's own training command:
@@ -66,11 +69,11 @@ Made by DPR Lens's own training command:
 {command}
 ```
 
-- Base encoder: {base} (pooling `{json.loads((output / 'dpr_lens.json').read_text())['pooling']}`).
+- Base encoder: {base} (pooling `{lens['pooling']}`).
 - Recipe: DPR (Karpukhin et al. 2020): query = the article's Wikipedia `description`, positive =
   (title, extract) as a text pair, in-batch negatives plus one BM25 hard negative per query (bm25s,
   best-scoring training article not sharing the query's description); NLL of the positive over
-  scaled cosine similarities (scale {config.scale}); AdamW lr {config.learning_rate}, linear warm-up
+  {similarity}; AdamW lr {config.learning_rate}, linear warm-up
   {config.warmup_fraction:.0%} and decay, batch {config.batch_size}, query/passage max length
   {config.query_max_length}/{config.passage_max_length}, {report.steps} steps ({epochs:.2f} epochs).
 - Seed: {config.seed}.
@@ -117,7 +120,8 @@ objective only. Made by DPR Lens's own command:
   ({report.train_windows} windows from {report.train_articles} articles). {report.validation_articles} articles
   ({config.validation_percent}%, fixed by a hash of the title) are held out of pre-training for the MLM numbers
   below; the retrieval split's held-out articles are pre-trained on, as BERT read all of Wikipedia.
-- Objective: 15% of the tokens (80% [MASK], 10% random, 10% kept), no next-sentence prediction.
+- Objective: 15% of the tokens (80% [MASK], 10% random, 10% kept), no next-sentence prediction (the
+  saved NSP head is untrained and unused).
 - AdamW lr {config.learning_rate}, linear warm-up {config.warmup_fraction:.0%} and decay, batch
   {config.batch_size}, {report.steps} steps ({report.steps * config.batch_size / report.train_windows:.1f} epochs),
   seed {config.seed}, {report.seconds / 60:.1f} min on a 2-core CPU. Stored as float16 safetensors
@@ -307,7 +311,7 @@ def cmd_token_ig(args) -> None:
     pair = load_pair(args.pair)
     corpus = _load_corpus(args.corpus)
     cache = ResultCache(args.cache)
-    settings = IGSettings(args.steps, args.method)
+    settings = IGSettings(args.steps, args.method, start_steps=args.start_steps or None)
     for name, encoder in pair.models.items():
         index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
         ranking = retrieve(encoder, index, corpus, args.query, TOP_K, cache=cache)
@@ -405,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     token_ig.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
     token_ig.add_argument("--steps", type=int, default=IGSettings().n_steps)
     token_ig.add_argument("--method", default=IGSettings().method, choices=METHODS)
+    token_ig.add_argument("--start-steps", type=int, default=IGSettings().start_steps,
+                          help="adaptive first pass; inputs above the delta tolerance are re-run at --steps "
+                               "(0: every input at --steps)")
     token_ig.add_argument("--words", type=int, default=10, help="words printed per sign")
     token_ig.set_defaults(func=cmd_token_ig)
 
