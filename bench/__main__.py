@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.foundation import format_table
 
-MODULES = ("foundation", "token_ig", "neurons")
+MODULES = ("foundation", "token_ig", "neurons", "full_analysis")
 
 
 def main() -> None:

@@ -410,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     token_ig.add_argument("--steps", type=int, default=IGSettings().n_steps)
     token_ig.add_argument("--method", default=IGSettings().method, choices=METHODS)
     token_ig.add_argument("--start-steps", type=int, default=IGSettings().start_steps,
-                          help="adaptive first pass; inputs above the delta tolerance are re-run at --steps "
-                               "(0: every input at --steps)")
+                          help="adaptive first pass (sinh-substituted); inputs above the delta tolerance are re-run "
+                               "at --steps (0: every input at --steps)")
     token_ig.add_argument("--words", type=int, default=10, help="words printed per sign")
     token_ig.set_defaults(func=cmd_token_ig)
 

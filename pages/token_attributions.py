@@ -2,13 +2,14 @@
 import streamlit as st
 
 from core.retrieval import QueryError, retrieve
-from core.token_attribution import (DEFAULT_METHOD, DEFAULT_STEPS, METHODS, TOP_K, AttributionError, IGSettings,
-                                    cached_deletion_curve, cached_pair, cached_ranking, cloud_weights, word_sums)
+from core.token_attribution import (DEFAULT_METHOD, DEFAULT_STEPS, DELTA_TOLERANCE, METHODS, START_STEPS, TOP_K,
+                                    AttributionError, IGSettings, SinhSubstitution, cached_deletion_curve,
+                                    cached_pair, cached_ranking, cloud_weights, word_sums)
 from ui.render import escape
 from ui.state import (query_box, require_corpus, require_indexes, require_pair, result_cache, selected_passage,
                       sidebar)
 from ui.token_views import (STYLE, attribution_frame, attribution_json, cloud_png, deletion_chart, legend_html,
-                            show_tokens)
+                            show_tokens, steps_text)
 
 sidebar()
 st.title("Token attributions")
@@ -29,7 +30,17 @@ with st.expander("Settings"):
     k_max = settings_columns[2].slider("Deletion curve: tokens removed (K)", 1, 30, 10, key="token_ig_k")
     drop_stopwords = settings_columns[3].checkbox("Leave stop words and punctuation out of clouds and table",
                                                   value=True, key="token_ig_stopwords")
-settings = IGSettings(int(n_steps), method)
+    adaptive_columns = st.columns(3)
+    adaptive = adaptive_columns[0].checkbox(
+        f"Adaptive: a cheaper first pass, then the IG steps only where completeness δ is above "
+        f"{DELTA_TOLERANCE:.0%}", value=True, key="token_ig_adaptive")
+    start_steps = adaptive_columns[1].number_input("First-pass steps", min_value=1, max_value=256, value=START_STEPS,
+                                                   disabled=not adaptive, key="token_ig_start_steps")
+    substitute = adaptive_columns[2].checkbox(
+        "First pass: sinh substitution (nodes crowd where the offline models' integrand peaks)", value=True,
+        disabled=not adaptive, key="token_ig_substitution")
+settings = IGSettings(int(n_steps), method, start_steps=int(start_steps) if adaptive else None,
+                      start_substitution=SinhSubstitution() if substitute else None)
 
 if not text.strip():
     st.info("Type a query to see which of its tokens and of its passages' tokens drive the score, "
@@ -75,6 +86,7 @@ for column, (name, encoder) in zip(st.columns(2), pair.models.items()):
         st.subheader(f"{name}: {encoder.label}")
         st.markdown(f"**Query, attribution summed over the top-{TOP_K} passages**")
         show_tokens(analyses[name].query_total)
+        st.caption(steps_text(analyses[name], settings))
         options = list(rankings[name].indices)
         if selected is not None and selected not in options:
             options.insert(0, selected)
@@ -108,18 +120,22 @@ for column, (name, encoder) in zip(st.columns(2), pair.models.items()):
                 st.caption(f"No word with a {sign} sum.")
                 continue
             image = cloud_png(weights, colormap)
-            st.image(image, caption=f"{sign} words", width="stretch")
+            st.image(image, caption=f"{sign} words (size ∝ |sum|; largest {max(weights.values()):.4f})",
+                     width="stretch")
             st.download_button(f"Download the {sign} cloud (PNG)", image, f"cloud-{name}-{sign}.png", "image/png",
                                key=f"token_ig_cloud_{name}_{sign}")
         st.dataframe(table, hide_index=True, width="stretch", height=280,
                      column_config={c: st.column_config.NumberColumn(format="%.4f")
                                     for c in ("total", "positive", "negative")})
+        # Callables: the files are built on click, not on every rerun.
         downloads = st.columns(2)
         downloads[0].download_button(
-            "Attributions (CSV)", attribution_frame(analyses[name], corpus).to_csv(index=False),
+            "Attributions (CSV)", lambda analysis=analyses[name]: attribution_frame(analysis, corpus).to_csv(index=False),
             f"token-attributions-{name}.csv", "text/csv", key=f"token_ig_csv_{name}")
         downloads[1].download_button(
-            "Attributions (JSON)", attribution_json(analyses[name], corpus, encoder.label, settings.params()),
+            "Attributions (JSON)",
+            lambda analysis=analyses[name], label=encoder.label: attribution_json(analysis, corpus, label,
+                                                                                  settings.params()),
             f"token-attributions-{name}.json", "application/json", key=f"token_ig_json_{name}")
 
 st.header("Faithfulness: deletion curves")

@@ -8,10 +8,11 @@ from streamlit.testing.v1 import AppTest
 import core.token_attribution as token_attribution
 from core.corpus import description_queries, load_wiki, split_indices
 from core.pair import ModelSpec, load_encoder
-from core.token_attribution import (DELTA_TOLERANCE, AttributionError, IGSettings, Token, TokenAttribution,
-                                    attribute_pair, attribute_queries, attribute_ranking, cached_deletion_curve,
+from core.token_attribution import (DEFAULT_STEPS, DELTA_TOLERANCE, START_STEPS, AttributionError, IGSettings,
+                                    Quadrature, SinhSubstitution, Token, TokenAttribution, attribute_pair,
+                                    attribute_passages, attribute_queries, attribute_ranking, cached_deletion_curve,
                                     cached_ranking, cloud_weights, deletion_curve, word_sums)
-from ui.token_views import tokens_html
+from ui.token_views import completeness_text, tokens_html
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -57,6 +58,7 @@ def test_completeness_on_the_real_offline_model(minilm):
     expected = _score(minilm, labelled.text, title, text)
     for side in (pair.query, pair.passage):
         assert side.score == pytest.approx(expected, abs=1e-5)
+        assert side.n_steps in (START_STEPS, DEFAULT_STEPS)
         assert side.relative_delta < DELTA_TOLERANCE
         assert side.total == pytest.approx(side.score - side.baseline_score, rel=DELTA_TOLERANCE)
         assert all(t.score == 0.0 for t in side.tokens if t.special)
@@ -80,7 +82,7 @@ def _hand_made(text: str, spans: list[tuple[str, int, int, int, float]]) -> Toke
     tokens += [Token(token, 0, start, end, word, score) for token, start, end, word, score in spans]
     tokens.append(Token("[SEP]", -1, 0, 0, -1, 0.0))
     total = sum(s[-1] for s in spans)
-    return TokenAttribution((text,), tuple(tokens), total, 0.0, False)
+    return TokenAttribution((text,), tuple(tokens), total, 0.0, False, Quadrature(20, "gausslegendre"))
 
 
 def test_word_merging_and_sums_drop_stopwords_and_punctuation():
@@ -107,7 +109,7 @@ def test_linearity_sum_over_passages_is_one_run(tiny, wiki_slice):
     indices = [3, 7, 11, 19]
     query = wiki_slice.descriptions[3] or "a city"
     ranking = attribute_ranking(tiny, query, [wiki_slice.titles[i] for i in indices],
-                                [wiki_slice.texts[i] for i in indices], indices, IGSettings(8))
+                                [wiki_slice.texts[i] for i in indices], indices, IGSettings(8, start_steps=None))
     summed = np.sum([[t.score for t in p.query.tokens] for p in ranking.pairs], axis=0)
     total = np.array([t.score for t in ranking.query_total.tokens])
     assert np.abs(total).max() > 0
@@ -121,9 +123,10 @@ def test_linearity_sum_over_passages_is_one_run(tiny, wiki_slice):
 def test_batched_passages_match_one_at_a_time(tiny, wiki_slice):
     indices = [0, 5, 9]
     titles, texts = [wiki_slice.titles[i] for i in indices], [wiki_slice.texts[i] for i in indices]
-    together = attribute_ranking(tiny, "a place", titles, texts, indices, IGSettings(8)).pairs
+    fixed = IGSettings(8, start_steps=None)
+    together = attribute_ranking(tiny, "a place", titles, texts, indices, fixed).pairs
     for title, text, batched in zip(titles, texts, together):
-        alone = attribute_pair(tiny, "a place", title, text, IGSettings(8)).passage
+        alone = attribute_pair(tiny, "a place", title, text, fixed).passage
         np.testing.assert_allclose([t.score for t in batched.passage.tokens], [t.score for t in alone.tokens],
                                    rtol=1e-3, atol=1e-6)
 
@@ -137,6 +140,79 @@ def test_dpr_uses_the_question_and_the_context_tower(tiny_dpr, wiki_slice):
         assert side.relative_delta < DELTA_TOLERANCE
     curve = deletion_curve(tiny_dpr, pair, "query", k_max=2, random_orders=2, settings=IGSettings(32))
     assert curve.attribution_order[0] == pytest.approx(expected, abs=1e-5)
+
+
+def _scores_of(attribution: TokenAttribution) -> list[float]:
+    return [t.score for t in attribution.tokens]
+
+
+def test_adaptive_steps_refine_only_what_misses_the_tolerance(tiny, wiki_slice):
+    indices = list(range(0, 40, 2))
+    titles, texts = [wiki_slice.titles[i] for i in indices], [wiki_slice.texts[i] for i in indices]
+    query_vector = tiny.encode_queries(["a city of music"])[0]
+    progress = []
+    adaptive = attribute_passages(tiny, titles, texts, query_vector,
+                                  IGSettings(16, start_steps=2, start_substitution=None),
+                                  progress=lambda done, total: progress.append((done, total)))
+    first_pass = attribute_passages(tiny, titles, texts, query_vector, IGSettings(2, start_steps=None))
+    full = attribute_passages(tiny, titles, texts, query_vector, IGSettings(16, start_steps=None))
+    refined = [n for n, result in enumerate(adaptive) if result.n_steps == 16]
+    assert 0 < len(refined) < len(indices)
+    assert {result.n_steps for result in adaptive} == {2, 16}
+    assert progress[-1] == (len(indices) + len(refined),) * 2
+    for n, result in enumerate(adaptive):
+        assert result.within_tolerance
+        if n in refined:
+            assert not first_pass[n].within_tolerance
+            np.testing.assert_allclose(_scores_of(result), _scores_of(full[n]), rtol=1e-4, atol=1e-7)
+            assert (result.score, result.baseline_score) == pytest.approx((full[n].score, full[n].baseline_score))
+        else:
+            np.testing.assert_allclose(_scores_of(result), _scores_of(first_pass[n]), rtol=1e-4, atol=1e-7)
+
+
+def test_adaptive_results_above_tolerance_at_full_steps_are_flagged(tiny, wiki_slice):
+    indices = list(range(0, 40, 2))
+    titles, texts = [wiki_slice.titles[i] for i in indices], [wiki_slice.texts[i] for i in indices]
+    query_vector = tiny.encode_queries(["a city of music"])[0]
+    results = attribute_passages(tiny, titles, texts, query_vector, IGSettings(2, start_steps=1,
+                                                                               start_substitution=None))
+    flagged = [result for result in results if not result.within_tolerance]
+    assert flagged and all(result.n_steps == 2 for result in flagged)
+    assert all(result.within_tolerance or result.n_steps == 2 for result in results)
+    assert "2 steps" in completeness_text(flagged[0])
+
+
+def _token_error(result: TokenAttribution, reference: TokenAttribution) -> float:
+    ours, ref = np.array(_scores_of(result)), np.array(_scores_of(reference))
+    return float(np.abs(ours - ref).sum() / np.abs(ref).sum())
+
+
+def test_sinh_substitution_integrates_the_same_path(tiny, wiki_slice):
+    titles, texts = [wiki_slice.titles[i] for i in (1, 6)], [wiki_slice.texts[i] for i in (1, 6)]
+    query_vector = tiny.encode_queries(["a river"])[0]
+    rule = Quadrature(48, "gausslegendre", SinhSubstitution())
+    substituted = attribute_passages(tiny, titles, texts, query_vector, passes=[rule])
+    plain = attribute_passages(tiny, titles, texts, query_vector, IGSettings(48, start_steps=None))
+    for ours, reference in zip(substituted, plain):
+        assert ours.quadrature == rule
+        assert reference.quadrature == Quadrature(48, "gausslegendre")
+        assert (ours.score, ours.baseline_score) == pytest.approx((reference.score, reference.baseline_score),
+                                                                  abs=1e-6)
+        np.testing.assert_allclose(_scores_of(ours), _scores_of(reference), rtol=1e-3, atol=1e-6)
+
+
+def test_sinh_substituted_first_pass_on_the_real_offline_model(minilm):
+    corpus = load_wiki()
+    _, held_out = split_indices(corpus)
+    labelled = description_queries(corpus, held_out)[1]
+    title, text = corpus.titles[labelled.source_index], corpus.texts[labelled.source_index]
+    query_vector = minilm.encode_queries([labelled.text])[0]
+    first = attribute_passages(minilm, [title], [text], query_vector)[0]
+    fine = attribute_passages(minilm, [title], [text], query_vector, IGSettings(32, start_steps=None))[0]
+    coarse = attribute_passages(minilm, [title], [text], query_vector, IGSettings(START_STEPS, start_steps=None))[0]
+    assert first.quadrature == Quadrature(START_STEPS, "gausslegendre", SinhSubstitution())
+    assert first.within_tolerance and fine.within_tolerance
+    assert _token_error(first, fine) < 0.01 and first.relative_delta < coarse.relative_delta
 
 
 def test_truncated_passages_are_flagged(tiny):
@@ -178,7 +254,11 @@ def test_results_are_cached_with_every_parameter(tiny, wiki_slice, cache, monkey
     assert progress[-1] == (4, 4)
     cached_ranking(cache, tiny, wiki_slice, "a city", [1, 2], IGSettings(4, "riemann_trapezoid"))
     cached_ranking(cache, tiny, wiki_slice, "a city", [2, 1], IGSettings(4))
-    assert len(calls) == 3
+    cached_ranking(cache, tiny, wiki_slice, "a city", [1, 2], IGSettings(4, start_steps=2))
+    cached_ranking(cache, tiny, wiki_slice, "a city", [1, 2], IGSettings(4, start_steps=2, start_substitution=None))
+    cached_ranking(cache, tiny, wiki_slice, "a city", [1, 2],
+                   IGSettings(4, start_steps=2, start_substitution=SinhSubstitution(0.5, 0.1)))
+    assert len(calls) == 6
     curve = cached_deletion_curve(cache, tiny, first.pairs[0], "query", k_max=2)
     assert cached_deletion_curve(cache, tiny, first.pairs[0], "query", k_max=2) == curve
 
@@ -188,6 +268,13 @@ def test_bad_settings_are_refused():
         IGSettings(method="simpson")
     with pytest.raises(AttributionError, match="steps"):
         IGSettings(n_steps=0)
+    with pytest.raises(AttributionError, match="start step"):
+        IGSettings(start_steps=0)
+    with pytest.raises(AttributionError, match="sinh"):
+        SinhSubstitution(center=1.2)
+    assert IGSettings(8, start_steps=8).passes == IGSettings(8, start_steps=None).passes == (
+        Quadrature(8, "gausslegendre"),)
+    assert IGSettings(8, start_steps=8).params() == IGSettings(8, start_steps=None).params()
 
 
 def test_token_html_escapes_and_colors():
@@ -203,13 +290,12 @@ def test_page_shows_colored_tokens_and_escapes_the_query(tiny_bert_dir, tiny_dpr
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=240)
-    at.run()
-    at.selectbox(key="pair_key").set_value("custom").run()
-    at.text_input(key="custom_a").input(str(tiny_bert_dir))
-    at.text_input(key="custom_b").input(str(tiny_dpr_dirs[0]))
-    at.text_input(key="custom_b_context").input(str(tiny_dpr_dirs[1])).run()
+    for key, value in (("pair_key", "custom"), ("custom_a", str(tiny_bert_dir)), ("custom_b", str(tiny_dpr_dirs[0])),
+                       ("custom_b_context", str(tiny_dpr_dirs[1]))):
+        at.session_state[key] = value
     at.switch_page("pages/token_attributions.py").run()
     assert not at.exception
+    assert at.caption[0].value.startswith("**Custom:")
     assert any("Type a query" in info.value for info in at.info)
     at.text_input(key="query_input").input("<script>alert(1)</script> city of music").run()
     assert not at.exception and not at.error
@@ -217,6 +303,9 @@ def test_page_shows_colored_tokens_and_escapes_the_query(tiny_bert_dir, tiny_dpr
     assert html.count('class="lens-tok"') > 20
     assert "<script" not in html and ">&lt;</span>" in html and ">alert</span>" in html
     assert len(at.get("image")) >= 1 and len(at.dataframe) == 2
+    captions = [caption.value for caption in at.caption]
+    assert sum("re-run with 20 steps when δ was above 1%" in caption for caption in captions) == 2
+    assert any(" steps" in caption and "completeness δ" in caption for caption in captions)
     assert len(at.get("vega_lite_chart")) == 1
     at.radio(key="token_ig_side").set_value("passage").run()
     assert not at.exception

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from core.corpus import Corpus
-from core.token_attribution import DELTA_TOLERANCE, DeletionCurve, RankingAttribution, TokenAttribution
+from core.token_attribution import DELTA_TOLERANCE, DeletionCurve, IGSettings, RankingAttribution, TokenAttribution
 from ui.render import escape
 
 POSITIVE_RGB = (33, 102, 172)   # blue end of ColorBrewer RdBu
@@ -69,7 +69,18 @@ def legend_html() -> str:
 def completeness_text(attribution: TokenAttribution) -> str:
     return (f"s(x) = {attribution.score:.4f}, s(baseline) = {attribution.baseline_score:.4f}, "
             f"Σ attributions = {attribution.total:.4f}, completeness δ = {attribution.delta:.2e} "
-            f"({attribution.relative_delta:.2%} of |s(x) − s(baseline)|)")
+            f"({attribution.relative_delta:.2%} of |s(x) − s(baseline)|) with {attribution.quadrature.describe()}")
+
+
+def steps_text(ranking: RankingAttribution, settings: IGSettings) -> str:
+    """Which rule the passages needed (adaptive quadrature) and their largest relative δ."""
+    worst = max(pair.passage.relative_delta for pair in ranking.pairs)
+    if len(settings.passes) == 1:
+        return f"Passages: {settings.method}, {settings.passes[0].describe()}; largest relative δ {worst:.2%}."
+    first, full = settings.passes
+    return (f"Passages: {settings.method}, {first.describe()}, re-run with {full.describe()} when δ was above "
+            f"{DELTA_TOLERANCE:.0%}: {ranking.passage_rules().get(full, 0)} of {len(ranking.pairs)} re-run; "
+            f"largest relative δ {worst:.2%}.")
 
 
 def show_completeness(attribution: TokenAttribution) -> None:
@@ -108,7 +119,7 @@ def deletion_chart(curves: dict[str, DeletionCurve]) -> alt.Chart:
     return alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
         x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
-        color=alt.Color("model:N"),
+        color=alt.Color("model:N", scale=alt.Scale(scheme="category10")),
         strokeDash=alt.StrokeDash("order:N"),
         tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
     ).properties(height=300)
@@ -116,7 +127,8 @@ def deletion_chart(curves: dict[str, DeletionCurve]) -> alt.Chart:
 
 def _token_rows(attribution: TokenAttribution, **labels) -> list[dict]:
     return [dict(labels, position=n, token=t.text, segment=t.segment,
-                 surface="" if t.special else attribution.segments[t.segment][t.start:t.end], attribution=t.score)
+                 surface="" if t.special else attribution.segments[t.segment][t.start:t.end], attribution=t.score,
+                 n_steps=attribution.n_steps, quadrature=attribution.quadrature.describe())
             for n, t in enumerate(attribution.tokens)]
 
 
@@ -132,7 +144,9 @@ def attribution_frame(ranking: RankingAttribution, corpus: Corpus) -> pd.DataFra
 def _summary(attribution: TokenAttribution) -> dict:
     relative = attribution.relative_delta
     return {"score": attribution.score, "baseline_score": attribution.baseline_score, "delta": attribution.delta,
-            "relative_delta": relative if math.isfinite(relative) else None, "truncated": attribution.truncated,
+            "relative_delta": relative if math.isfinite(relative) else None, "n_steps": attribution.n_steps,
+            "quadrature": attribution.quadrature.describe(),
+            "truncated": attribution.truncated,
             "tokens": [{"token": t.text, "attribution": t.score} for t in attribution.tokens]}
 
 
