@@ -99,6 +99,19 @@ also counts as relevant. Mean with 95% bootstrap interval.
     (output / "README.md").write_text(text)
 
 
+def _held_out_evaluations(corpus, cache_directory: str | None, specs: list[ModelSpec]) -> list[Evaluation]:
+    """Each model on the held-out description -> article queries, printed as it finishes."""
+    cache = ResultCache(cache_directory)
+    _, held_out = split_indices(corpus)
+    queries = description_queries(corpus, held_out)
+    evaluations = []
+    for spec in specs:
+        evaluations.append(evaluate_encoder(load_encoder(spec), corpus, queries, cache,
+                                            progress=_tqdm_progress(f"encoding corpus ({spec.label})")))
+        print(spec.label, {k: round(v, 4) for k, v in evaluations[-1].means.items()})
+    return evaluations
+
+
 def write_pretrain_card(output: Path, command: str, config: PretrainConfig, report, evaluations: dict[str, Evaluation],
                         corpus_size: int) -> None:
     final = report.evaluations[-1]
@@ -156,16 +169,10 @@ def cmd_pretrain(args) -> None:
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
-    cache = ResultCache(args.cache)
-    _, held_out = split_indices(corpus)
-    queries = description_queries(corpus, held_out)
-    evaluations = {}
-    for pooling in ("cls", "mean"):
-        encoder = load_encoder(ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling))
-        evaluations[pooling] = evaluate_encoder(encoder, corpus, queries, cache,
-                                                progress=_tqdm_progress(f"encoding corpus ({pooling} pooling)"))
-        print(pooling, {k: round(v, 4) for k, v in evaluations[pooling].means.items()})
-    write_pretrain_card(output, command, config, report, evaluations, len(corpus))
+    poolings = ("cls", "mean")
+    evaluations = _held_out_evaluations(corpus, args.cache, [
+        ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling) for pooling in poolings])
+    write_pretrain_card(output, command, config, report, dict(zip(poolings, evaluations)), len(corpus))
 
 
 def cmd_train(args) -> None:
@@ -179,15 +186,8 @@ def cmd_train(args) -> None:
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
-    cache = ResultCache(args.cache)
-    _, held_out = split_indices(corpus)
-    queries = description_queries(corpus, held_out)
-    evaluations = []
-    for spec in (ModelSpec(f"before: {args.base}", args.base), ModelSpec("after", str(output))):
-        model = load_encoder(spec)
-        evaluations.append(evaluate_encoder(model, corpus, queries, cache,
-                                            progress=_tqdm_progress(f"encoding corpus ({spec.label})")))
-        print(spec.label, {k: round(v, 4) for k, v in evaluations[-1].means.items()})
+    evaluations = _held_out_evaluations(corpus, args.cache,
+                                        [ModelSpec(f"before: {args.base}", args.base), ModelSpec("after", str(output))])
     write_card(output, command, config, report, evaluations[0], evaluations[1], len(corpus))
 
 

@@ -12,6 +12,7 @@ from transformers import (BertConfig, BertModel, BertTokenizerFast, DPRConfig, D
 
 from core.cache import ResultCache
 from core.corpus import Corpus, load_wiki
+from core.pair import ModelSpec, load_encoder
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -76,3 +77,10 @@ def cache(tmp_path) -> ResultCache:
     result = ResultCache(tmp_path / "cache")
     yield result
     result.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_dpr(tiny_dpr_dirs):
+    """The tiny two-tower DPR encoder (separate question and context models)."""
+    question, context = tiny_dpr_dirs
+    return load_encoder(ModelSpec("dpr", str(question), str(context)))

@@ -35,12 +35,6 @@ def tiny_bert(tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_dpr(tiny_dpr_dirs):
-    question, context = tiny_dpr_dirs
-    return load_encoder(ModelSpec("dpr", str(question), str(context)))
-
-
-@pytest.fixture(scope="module")
 def tiny_distilbert(tmp_path_factory, tiny_bert_dir):
     directory = tmp_path_factory.mktemp("tiny-distilbert")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

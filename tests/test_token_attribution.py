@@ -39,12 +39,6 @@ def tiny(tiny_bert_dir):
     return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))
 
 
-@pytest.fixture(scope="module")
-def tiny_dpr(tiny_dpr_dirs):
-    question, context = tiny_dpr_dirs
-    return load_encoder(ModelSpec("dpr", str(question), str(context)))
-
-
 def _score(encoder, query, title, text):
     return float(encoder.encode_queries([query])[0] @ encoder.encode_passages([title], [text], max_length=256)[0])
 

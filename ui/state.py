@@ -51,13 +51,13 @@ def result_cache() -> ResultCache:
 
 
 @st.cache_resource(show_spinner="Loading the masked-LM head…")
-def _cloze_model(fingerprint: str, _encoder: Encoder) -> ClozeModel:
-    return load_cloze_model(_encoder)
+def _cloze_model(fingerprint: str, _encoder: Encoder) -> ClozeModel | None:
+    return load_cloze_model(_encoder) if has_mlm_head(_encoder) else None
 
 
 def cloze_model(encoder: Encoder) -> ClozeModel | None:
-    """The encoder's masked-LM model, or None when it was saved without an MLM head."""
-    return _cloze_model(encoder.fingerprint, encoder) if has_mlm_head(encoder) else None
+    """The encoder's masked-LM model, or None when it was saved without an MLM head (checked once per model)."""
+    return _cloze_model(encoder.fingerprint, encoder)
 
 
 @st.cache_resource
