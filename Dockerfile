@@ -1,6 +1,8 @@
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DPR_LENS_CACHE=/home/lens/.cache/dpr-lens
+# A container is usually reachable by others: visitors upload corpora and pick only allowlisted models.
+ENV DPR_LENS_PUBLIC=1
 RUN useradd --create-home --uid 1000 lens
 WORKDIR /app
 

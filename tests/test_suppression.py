@@ -8,6 +8,7 @@ from core.index import load_index
 from core.neuron_attribution import NeuronAttribution, TargetedAttribution, attribute_query, ffn_sites
 from core.pair import ModelSpec, load_encoder
 from core.retrieval import retrieve
+from core.runtime import model_work
 from core.suppression import Neuron, curve_ks, ranked_neurons, suppressing, suppression_curve
 
 
@@ -28,10 +29,17 @@ def _hook_count(tower) -> int:
 def test_neurons_are_ranked_relative_to_their_sites_maximum():
     attribution = NeuronAttribution(
         {"intermediate": np.array([[4.0, 1.0], [3.0, -1.0]]), "output": np.array([[0.1, 0.09], [0.0, 0.2]])},
-        1.0, {"intermediate": np.zeros(2), "output": np.zeros(2)}, steps=1)
+        1.0,
+        {"intermediate": np.zeros(2), "output": np.zeros(2)},
+        steps=1,
+    )
     ranked = ranked_neurons(attribution, 4)
     assert [(n.site, n.layer, n.index) for n in ranked] == [
-        ("intermediate", 0, 0), ("output", 1, 1), ("intermediate", 1, 0), ("output", 0, 0)]
+        ("intermediate", 0, 0),
+        ("output", 1, 1),
+        ("intermediate", 1, 0),
+        ("output", 0, 0),
+    ]
     assert [n.relative_score for n in ranked] == pytest.approx([1.0, 1.0, 0.75, 0.5])
 
 
@@ -48,8 +56,13 @@ def test_zeroing_by_hooks_equals_zeroing_the_weights(tiny_bert):
     batch = tower.tokenize(["a large city on a river"])
     neurons = [Neuron("intermediate", 0, 5, 1.0), Neuron("intermediate", 1, 17, 0.9), Neuron("output", 1, 3, 0.8)]
     rows = {key: value.expand(2, -1) for key, value in batch.items()}
-    with suppressing(tower, [[], neurons]), torch.no_grad():
-        hooked = tower.forward(rows)
+
+    @model_work  # hooks on a shared model are only allowed inside a model job
+    def forward_suppressed():
+        with suppressing(tower, [[], neurons]), torch.no_grad():
+            return tower.forward(rows)
+
+    hooked = forward_suppressed()
     assert _hook_count(tower) == 0
     edited = copy.deepcopy(tower.model)
     with torch.no_grad():
@@ -81,7 +94,9 @@ def test_k0_keeps_the_ranking_and_hooks_are_removed(tiny_bert, index, wiki_slice
 
 
 def test_a_gold_passage_is_followed(tiny_bert, index, wiki_slice, cache):
-    analysed = attribute_query(tiny_bert, index, wiki_slice, "a river in northern europe", passage=11, steps=3, cache=cache)
+    analysed = attribute_query(
+        tiny_bert, index, wiki_slice, "a river in northern europe", passage=11, steps=3, cache=cache
+    )
     curve = suppression_curve(tiny_bert, index, analysed, [0, 8])
     scores, ranked = index.search(tiny_bert.encode_queries(["a river in northern europe"]), len(index))
     assert curve.passage == 11 and curve.ranks[0] == int(np.flatnonzero(ranked[0] == 11)[0]) + 1
