@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench browser train mini-paper clean-cache
+.PHONY: setup run test lint bench browser train mini-paper clean-cache
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup
 	$(PY) -m bench

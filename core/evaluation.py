@@ -1,19 +1,21 @@
 """Retrieval quality on labelled queries: recall@k, MRR@10, nDCG@10 with bootstrap intervals, the
 paired B - A difference, per-query wins/losses, and a user's JSONL of labelled queries."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .cache import ResultCache
+from .cache import Analysis, ResultCache
 from .corpus import Corpus, LabelledQuery
+from .errors import LensError
 from .index import DenseIndex, load_index
 from .pair import Encoder, ModelPair
-from .retrieval import clean_query
+from .retrieval import clean_query, search_queries
 
 RECALL_AT = (1, 5, 10, 100)
 DEPTH = 100
@@ -33,8 +35,9 @@ def per_query_metrics(ranked: np.ndarray, relevant: Sequence[frozenset[int]]) ->
     return metrics
 
 
-def bootstrap_interval(values: np.ndarray, samples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)
     tail = (1 - level) / 2 * 100
@@ -51,6 +54,11 @@ class Evaluation:
     ranked: list[list[int]]
 
 
+EVALUATION = Analysis(
+    "evaluation", version=1, fields=("index", "query_model", "queries", "depth"), result_type=Evaluation
+)
+
+
 def evaluate_ranked(label: str, ranked: np.ndarray, queries: Sequence[LabelledQuery]) -> Evaluation:
     values = per_query_metrics(ranked, [q.relevant for q in queries])
     return Evaluation(
@@ -63,35 +71,51 @@ def evaluate_ranked(label: str, ranked: np.ndarray, queries: Sequence[LabelledQu
     )
 
 
-def evaluate_encoder(encoder: Encoder, corpus: Corpus, queries: Sequence[LabelledQuery],
-                     cache: ResultCache, index: DenseIndex | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> Evaluation:
+def evaluate_encoder(
+    encoder: Encoder,
+    corpus: Corpus,
+    queries: Sequence[LabelledQuery],
+    cache: ResultCache,
+    index: DenseIndex | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
     index = index or load_index(encoder, corpus, cache, progress=progress)
-    params = {"index": index.params, "query_model": encoder.fingerprint,
-              "queries": [(q.text, sorted(q.relevant)) for q in queries], "depth": DEPTH}
 
     def compute() -> Evaluation:
-        vectors = encoder.encode_queries([q.text for q in queries], batch_size=128)
-        _, ranked = index.search(vectors, DEPTH)
+        _, ranked = search_queries(encoder, index, [q.text for q in queries], DEPTH)
         return evaluate_ranked(encoder.label, ranked, queries)
 
-    return cache.get_or_compute("evaluation", params, compute)
+    return EVALUATION.get_or_compute(
+        cache,
+        compute,
+        index=index.params,
+        query_model=encoder.fingerprint,
+        queries=[(q.text, sorted(q.relevant)) for q in queries],
+        depth=DEPTH,
+    )
 
 
-def evaluate_pair(pair: ModelPair, corpus: Corpus, queries: Sequence[LabelledQuery], cache: ResultCache,
-                  indexes: dict[str, DenseIndex] | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Evaluation]:
+def evaluate_pair(
+    pair: ModelPair,
+    corpus: Corpus,
+    queries: Sequence[LabelledQuery],
+    cache: ResultCache,
+    indexes: dict[str, DenseIndex] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Evaluation]:
     """Both models of a pair on the same queries; progress(model name, done, total) while indexing."""
     results = {}
     for name, encoder in pair.models.items():
         report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
-        results[name] = evaluate_encoder(encoder, corpus, queries, cache,
-                                         index=(indexes or {}).get(name), progress=report)
+        results[name] = evaluate_encoder(
+            encoder, corpus, queries, cache, index=(indexes or {}).get(name), progress=report
+        )
     return results
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], samples: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float, float]:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of b - a over the same queries, with a paired bootstrap interval (queries resampled together)."""
     difference = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     low, high = bootstrap_interval(difference, samples, seed, level)
@@ -140,10 +164,12 @@ def outcome_counts(outcomes: Sequence[QueryOutcome]) -> dict[str, int]:
 # ---- a user's labelled queries ------------------------------------------------------------------
 
 GOLD_KEYS = ("gold_ids", "gold_id", "gold")
-QUERY_FILE_FORMAT = 'one JSON object per line: {"query": "...", "gold_ids": ["<passage id>", ...]} (or "gold_id": "<id>")'
+QUERY_FILE_FORMAT = (
+    'one JSON object per line: {"query": "...", "gold_ids": ["<passage id>", ...]} (or "gold_id": "<id>")'
+)
 
 
-class QueryFileError(ValueError):
+class QueryFileError(LensError):
     """A labelled-query file that cannot be used; the message names the bad lines."""
 
 
@@ -176,9 +202,9 @@ def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query
         text = clean_query(record["query"]) if isinstance(record.get("query"), str) else ""
         gold = _gold_ids(record)
         if not text:
-            problems.append(f"line {line_number}: missing a non-empty \"query\"")
+            problems.append(f'line {line_number}: missing a non-empty "query"')
         elif gold is None:
-            problems.append(f"line {line_number}: missing gold passage ids (\"gold_ids\": [...] or \"gold_id\")")
+            problems.append(f'line {line_number}: missing gold passage ids ("gold_ids": [...] or "gold_id")')
         elif unknown := [g for g in gold if g not in position]:
             problems.append(f"line {line_number}: gold id {unknown[0]!r} is not in corpus {corpus.name}")
         else:

@@ -1,23 +1,27 @@
 """Dense passage embeddings and their FAISS inner-product index, cached and prebuilt for the offline pair."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
 
-from .cache import ResultCache
+from .cache import Analysis, ResultCache
 from .corpus import Corpus
 from .pair import ASSETS, Encoder
 
 log = logging.getLogger(__name__)
 PASSAGE_MAX_LENGTH = 256
 PREBUILT_DIR = ASSETS / "embeddings"
+EMBEDDINGS = Analysis(
+    "embeddings", version=1, fields=("model", "corpus", "pooling", "normalize", "max_length"), result_type=np.ndarray
+)
 Progress = Callable[[int, int], None]
 
 
@@ -35,11 +39,17 @@ def embedding_params(encoder: Encoder, corpus: Corpus, max_length: int = PASSAGE
     }
 
 
-def encode_corpus(encoder: Encoder, corpus: Corpus, max_length: int = PASSAGE_MAX_LENGTH,
-                  batch_size: int = 32, progress: Progress | None = None) -> np.ndarray:
+def encode_corpus(
+    encoder: Encoder,
+    corpus: Corpus,
+    max_length: int = PASSAGE_MAX_LENGTH,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> np.ndarray:
     """Passages are encoded as (title, text) pairs, the DPR convention."""
-    return encoder.encode_passages(corpus.titles, corpus.texts, max_length=max_length,
-                                   batch_size=batch_size, progress=progress)
+    return encoder.encode_passages(
+        corpus.titles, corpus.texts, max_length=max_length, batch_size=batch_size, progress=progress
+    )
 
 
 def _prebuilt_stem(params: dict) -> str:
@@ -108,10 +118,19 @@ class DenseIndex:
         return scores, indices
 
 
-def load_index(encoder: Encoder, corpus: Corpus, cache: ResultCache,
-               max_length: int = PASSAGE_MAX_LENGTH, progress: Progress | None = None,
-               prebuilt_dir: Path = PREBUILT_DIR) -> DenseIndex:
-    """Prebuilt embeddings when their fingerprints match, else the disk cache, else encode the corpus."""
+def load_index(
+    encoder: Encoder,
+    corpus: Corpus,
+    cache: ResultCache,
+    max_length: int = PASSAGE_MAX_LENGTH,
+    progress: Progress | None = None,
+    prebuilt_dir: Path = PREBUILT_DIR,
+) -> DenseIndex:
+    """A build-index --shards index under $DPR_LENS_INDEX_DIR, else prebuilt embeddings when their fingerprints
+    match, else the disk cache, else encode the corpus."""
+    built_index = _built_index(encoder, corpus, max_length)
+    if built_index is not None:
+        return built_index
     params = embedding_params(encoder, corpus, max_length)
     try:
         prebuilt = load_prebuilt(params, prebuilt_dir)
@@ -127,8 +146,14 @@ def load_index(encoder: Encoder, corpus: Corpus, cache: ResultCache,
         built.append(True)
         return encode_corpus(encoder, corpus, max_length, progress=progress)
 
-    embeddings = cache.get_or_compute(
-        "embeddings", params, compute,
-        is_valid=lambda value: isinstance(value, np.ndarray) and value.shape == expected_shape,
-    )
+    embeddings = EMBEDDINGS.get_or_compute(cache, compute, check=lambda value: value.shape == expected_shape, **params)
     return DenseIndex(embeddings, params, "built" if built else "cache")
+
+
+def _built_index(encoder: Encoder, corpus: Corpus, max_length: int):
+    """The sharded (flat or IVF) index `build-index --shards` made under $DPR_LENS_INDEX_DIR for this model and
+    corpus, if that is set and has one; it searches like a DenseIndex."""
+    from .ivf import index_dir_from_env, open_built_index  # core.ivf imports this module
+
+    root = index_dir_from_env()
+    return None if root is None else open_built_index(root, encoder.fingerprint, corpus, max_length)

@@ -2,21 +2,30 @@
 
 A score is s(q, p) = pooled(q) . pooled(p); pooled vectors are L2-normalised when the model says so.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import urllib.error
 import urllib.request
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+
+from .adapters import FfnSite, ModelAdapter, UnsupportedModelError, adapter_for, supported_families
+from .device import encode_dtype, encoding, model_device, scaled
+from .errors import LensError
+from .runtime import model_work
 
 Pooling = Literal["cls", "mean", "pooler"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler")
@@ -25,9 +34,10 @@ TWIN_DIR = ASSETS / "minilm-wiki-dpr"
 MINI_BERT_DIR = ASSETS / "mini-bert-wiki"
 MINI_BERT_DPR_DIR = ASSETS / "mini-bert-wiki-dpr"
 LENS_CONFIG = "dpr_lens.json"
+ENCODE_BATCH_CAP = 1024  # rows per encoding batch on a large GPU; more only pads longer
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LensError):
     """A model that cannot be loaded; the message is one sentence meant for the user."""
 
 
@@ -115,8 +125,9 @@ PRESETS: dict[str, PairSpec] = {
 DEFAULT_PRESET = "offline"
 
 
-def custom_pair(a_source: str, b_source: str, b_context_source: str | None = None,
-                pooling: Pooling | None = None) -> PairSpec:
+def custom_pair(
+    a_source: str, b_source: str, b_context_source: str | None = None, pooling: Pooling | None = None
+) -> PairSpec:
     return PairSpec(
         key=f"custom:{a_source}|{b_source}|{b_context_source or ''}|{pooling or 'auto'}",
         title=f"Custom: {a_source} vs {b_source}",
@@ -209,10 +220,14 @@ def load_tower_model(source: str) -> PreTrainedModel:
             else f"Could not load '{source}' from the model hub: unknown id or not a transformers model "
             f"({type(error).__name__})."
         ) from error
-    if not hasattr(encoder_backbone(model), "encoder") and not hasattr(encoder_backbone(model), "transformer"):
-        raise ModelLoadError(f"'{source}' is a {type(model).__name__}, not a BERT-style text encoder.")
-    model.eval()
-    return model
+    try:
+        adapter_for(model)
+    except UnsupportedModelError as error:
+        raise ModelLoadError(
+            f"'{source}' is a {error.model_class} (model type '{error.model_type}'), a family DPR Lens cannot "
+            f"analyse; supported families: {supported_families()}."
+        ) from error
+    return model.eval().to(model_device())
 
 
 def _first_line(error: Exception) -> str:
@@ -221,15 +236,18 @@ def _first_line(error: Exception) -> str:
 
 def encoder_backbone(model: PreTrainedModel) -> PreTrainedModel:
     """The transformer inside DPR wrappers (DPR*Encoder -> .bert_model); the model itself otherwise."""
-    for path in ("question_encoder.bert_model", "ctx_encoder.bert_model"):
-        inner = model
-        try:
-            for name in path.split("."):
-                inner = getattr(inner, name)
-            return inner
-        except AttributeError:
-            continue
-    return model
+    return adapter_for(model).backbone(model)
+
+
+_tokenizer_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tokenizer_locks_guard = threading.Lock()
+
+
+def tokenizer_lock(tokenizer) -> threading.Lock:
+    """A fast tokenizer changes its own padding/truncation state on each call, and two threads calling it
+    at once fail ('Already borrowed'); sessions count query tokens while the model worker tokenizes."""
+    with _tokenizer_locks_guard:
+        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
 
 
 def weights_fingerprint(models: Iterable[PreTrainedModel], extra: str = "") -> str:
@@ -238,12 +256,16 @@ def weights_fingerprint(models: Iterable[PreTrainedModel], extra: str = "") -> s
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+            digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 class Tower:
-    """One encoder tower: tokenizer + transformer + pooling. Produces pooled (and normalised) vectors."""
+    """One encoder tower: tokenizer + transformer + pooling. Produces pooled (and normalised) vectors.
+
+    The analyses reach the model only through a Tower: its layer stack, FFN sites, word embeddings and
+    hidden states come from the adapter of the model's family (core.adapters).
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer, pooling: Pooling, normalize: bool):
         if pooling not in POOLINGS:
@@ -252,80 +274,174 @@ class Tower:
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
-        self.backbone = encoder_backbone(model)
+        self.adapter: ModelAdapter = adapter_for(model)
+
+    def with_model(self, model: PreTrainedModel, pooling: Pooling = "cls", normalize: bool = False) -> Tower:
+        """A tower of another model with this tower's tokenizer (e.g. the encoder inside an MLM model)."""
+        return Tower(model, self.tokenizer, pooling, normalize)
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        return self.adapter.backbone(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def max_length(self) -> int:
-        limits = [self.backbone.config.max_position_embeddings, 512]
+        limits = [self.adapter.max_positions(self.model), 512]
         if 0 < getattr(self.tokenizer, "model_max_length", 0) < 100_000:
             limits.append(self.tokenizer.model_max_length)
         return min(limits)
 
     @property
     def word_embeddings(self) -> torch.nn.Module:
-        return self.backbone.get_input_embeddings()
+        return self.adapter.word_embeddings(self.model)
 
-    def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                 max_length: int | None = None, **options) -> dict[str, torch.Tensor]:
-        """options go to the tokenizer (e.g. return_offsets_mapping); forward() ignores extra keys."""
-        return self.tokenizer(
-            list(texts), list(pairs) if pairs is not None else None, padding=True,
-            truncation="longest_first" if pairs is None else "only_second",
-            max_length=min(max_length or self.max_length, self.max_length), return_tensors="pt", **options,
-        )
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The transformer layers, bottom first."""
+        return self.adapter.layers(self.model)
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ffn_sites(self) -> list[FfnSite]:
+        """Each layer's FFN down projection (raises core.adapters.NeuronSiteError where it cannot be hooked)."""
+        return self.adapter.ffn_sites(self.model)
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    # ---- tokenizer ------------------------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def is_fast_tokenizer(self) -> bool:
+        return bool(getattr(self.tokenizer, "is_fast", False))
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.tokenizer.mask_token
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.tokenizer.mask_token_id
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        with tokenizer_lock(self.tokenizer):
+            return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+    def tokenize(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None, max_length: int | None = None, **options
+    ) -> dict[str, torch.Tensor]:
+        """On the model's device; options go to the tokenizer (e.g. return_offsets_mapping); forward() ignores
+        extra keys."""
+        with tokenizer_lock(self.tokenizer):
+            batch = self.tokenizer(
+                list(texts),
+                list(pairs) if pairs is not None else None,
+                padding=True,
+                truncation="longest_first" if pairs is None else "only_second",
+                max_length=min(max_length or self.max_length, self.max_length),
+                return_tensors="pt",
+                **options,
+            )
+        return batch.to(self.device)
 
     def token_count(self, text: str) -> int:
-        return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        with tokenizer_lock(self.tokenizer):
+            return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
     def pool(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":
             pooled = outputs.pooler_output
+            return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return self.pool_hidden(hidden, attention_mask)
+
+    def pool_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pools any layer's hidden states as this tower pools (the "pooler" reads its input, the CLS position)."""
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         else:
-            hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = hidden[:, 0]
         return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
-    def forward(self, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled vectors for a tokenized batch (differentiable; the caller picks grad mode)."""
-        kwargs = {k: v for k, v in batch.items() if k in ("attention_mask", "token_type_ids")}
-        if "token_type_ids" not in self._forward_arguments:
-            kwargs.pop("token_type_ids", None)
+    @model_work
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        inputs_embeds: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled vectors for a tokenized batch (differentiable; the caller picks grad mode).
+
+        rows: where an analysis adds rows inside the model (core.neuron_attribution), the input row each output
+        row copies, so that pooling reads that row's attention mask.
+        """
+        kwargs = self.adapter.forward_kwargs(self.model, batch)
         if inputs_embeds is not None:
             outputs = self.model(inputs_embeds=inputs_embeds, **kwargs)
         else:
             outputs = self.model(input_ids=batch["input_ids"], **kwargs)
-        return self.pool(outputs, batch["attention_mask"])
+        mask = batch["attention_mask"]
+        return self.pool(outputs, mask if rows is None else mask[rows])
 
-    @cached_property
-    def _forward_arguments(self) -> set[str]:
-        import inspect
+    @model_work
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(layer_count + 1) hidden states, the embedding output first (the caller picks grad mode)."""
+        return self.adapter.hidden_states(self.model, batch)
 
-        return set(inspect.signature(self.model.forward).parameters)
-
+    @model_work
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 32,
-               max_length: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Pooled vectors as float32, batched by length so padding stays small."""
-        order = np.argsort([-len(t) - (len(pairs[i]) if pairs is not None else 0)
-                            for i, t in enumerate(texts)], kind="stable")
+    def encode(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Pooled vectors as float32, batched by length so padding stays small; in the chosen encoding
+        precision (core.device), with batch_size (a CPU size) scaled to the device's memory."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            chosen = order[start:start + batch_size]
-            batch = self.tokenize([texts[i] for i in chosen],
-                                  [pairs[i] for i in chosen] if pairs is not None else None, max_length)
-            out[chosen] = self.forward(batch).float().numpy()
-            if progress:
-                progress(min(start + batch_size, len(texts)), len(texts))
+        batch_size = scaled(batch_size, self.device, cap=ENCODE_BATCH_CAP)
+        with encoding(self.device):
+            for done, chosen, batch in self.length_batches(texts, pairs, batch_size, max_length):
+                out[chosen] = self.forward(batch).float().cpu().numpy()
+                if progress:
+                    progress(done, len(texts))
         return out
+
+    def length_batches(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray, dict[str, torch.Tensor]]]:
+        """(inputs done, their indices, tokenized batch), longest inputs first so padding stays small."""
+        order = np.argsort(
+            [-len(t) - (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)], kind="stable"
+        )
+        for start in range(0, len(texts), batch_size):
+            chosen = order[start : start + batch_size]
+            batch = self.tokenize(
+                [texts[i] for i in chosen], [pairs[i] for i in chosen] if pairs is not None else None, max_length
+            )
+            yield min(start + batch_size, len(texts)), chosen, batch
 
     @property
     def dim(self) -> int:
-        return self.backbone.config.hidden_size
+        return self.adapter.hidden_size(self.model)
 
 
 @dataclass
@@ -345,6 +461,8 @@ class Encoder:
     def fingerprint(self) -> str:
         models = [self.query.model] if self.shared_towers else [self.query.model, self.context.model]
         settings = f"{self.query.pooling}|{self.query.normalize}|{self.context.pooling}|{self.context.normalize}"
+        if encode_dtype() != "fp32":  # reduced-precision embeddings, and all computed from them, are cached apart
+            settings += f"|encode={encode_dtype()}"
         return weights_fingerprint(models, settings)
 
     def encode_queries(self, queries: Sequence[str], **kwargs) -> np.ndarray:
@@ -397,6 +515,8 @@ def load_pair(spec: PairSpec | str) -> ModelPair:
         for model in (spec.a, spec.b):
             source = resolve_source(model.query_source)
             if not (Path(source) / "config.json").is_file():
-                raise ModelLoadError(f"'{model.label}' is missing from {source}; see the README's "
-                                     "'Make your own twin' section for the command that builds it.")
+                raise ModelLoadError(
+                    f"'{model.label}' is missing from {source}; see the README's "
+                    "'Make your own twin' section for the command that builds it."
+                )
     return ModelPair(spec, load_encoder(spec.a), load_encoder(spec.b))

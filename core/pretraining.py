@@ -5,46 +5,50 @@ A WordPiece vocabulary is trained on the corpus (tokenizers), then BERT's MLM ob
 tokens: 80% [MASK], 10% random, 10% kept; transformers' collator) on (title, extract) windows of every
 article except a small fixed validation slice used for the held-out MLM loss and accuracy.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import (BertConfig, BertForPreTraining, BertTokenizerFast, DataCollatorForLanguageModeling,
-                          get_linear_schedule_with_warmup)
+from transformers import BertConfig, BertForPreTraining, BertTokenizerFast, DataCollatorForLanguageModeling
 
+from .cli_args import cli_option
 from .corpus import Corpus
 from .pair import LENS_CONFIG
+from .train_loop import LoopSettings, run_training, seed_everything
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass
 class PretrainConfig:
-    output: str
-    seed: int = 13
-    vocab_size: int = 16_000
-    layers: int = 4
-    hidden: int = 256
-    heads: int = 4
-    intermediate: int = 1024
-    max_length: int = 128
-    batch_size: int = 32
-    learning_rate: float = 5e-4
-    warmup_fraction: float = 0.05
-    max_steps: int = 2400
-    mask_probability: float = 0.15
-    eval_every: int = 250
-    validation_percent: int = 2
-    save_fp16: bool = True
+    output: str = cli_option("assets/mini-bert-wiki", "directory for the model and its WordPiece vocabulary")
+    seed: int = cli_option(13, "seed of the initialisation, batch order and masking")
+    vocab_size: int = cli_option(16_000, "WordPiece vocabulary size")
+    layers: int = cli_option(4, "transformer layers")
+    hidden: int = cli_option(256, "hidden size")
+    heads: int = cli_option(4, "attention heads")
+    intermediate: int | None = cli_option(None, "FFN size (default: 4 x hidden, as in BERT)")
+    max_length: int = cli_option(128, "tokens per [CLS] title [SEP] extract [SEP] window")
+    batch_size: int = cli_option(32, "windows per batch")
+    learning_rate: float = cli_option(5e-4, "AdamW learning rate", flags=("--lr",))
+    warmup_fraction: float = cli_option(0.05, "share of the steps spent warming the learning rate up")
+    max_steps: int = cli_option(2400, "optimiser steps")
+    mask_probability: float = cli_option(0.15, "share of the tokens to predict")
+    eval_every: int = cli_option(250, "steps between held-out MLM evaluations")
+    validation_percent: int = cli_option(2, "percent of the articles held out for the MLM evaluations")
+    save_fp16: bool = cli_option(True, "store the weights as float16")
+
+    def __post_init__(self):
+        if self.intermediate is None:
+            self.intermediate = 4 * self.hidden
 
 
 @dataclass
@@ -57,6 +61,7 @@ class PretrainReport:
     seconds: float
     losses: list[float] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
+    hardware: str = ""
 
 
 def is_mlm_validation(title: str, percent: int) -> bool:
@@ -68,18 +73,25 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, directory: Path) -> B
     from tokenizers import BertWordPieceTokenizer
 
     trainer = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
-    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                show_progress=False)
+    trainer.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     directory.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(directory))
     return BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True, strip_accents=True)
 
 
-def article_windows(tokenizer: BertTokenizerFast, corpus: Corpus, indices: Sequence[int],
-                    max_length: int) -> list[list[int]]:
+def article_windows(
+    tokenizer: BertTokenizerFast, corpus: Corpus, indices: Sequence[int], max_length: int
+) -> list[list[int]]:
     """Every article as [CLS] title [SEP] extract [SEP] windows (the passage format used for retrieval)."""
-    encoded = tokenizer([corpus.titles[i] for i in indices], [corpus.texts[i] for i in indices],
-                        truncation="only_second", max_length=max_length, return_overflowing_tokens=True)
+    encoded = tokenizer(
+        [corpus.titles[i] for i in indices],
+        [corpus.texts[i] for i in indices],
+        truncation="only_second",
+        max_length=max_length,
+        return_overflowing_tokens=True,
+    )
     return list(encoded["input_ids"])
 
 
@@ -91,8 +103,8 @@ def _batches(windows: list[list[int]], batch_size: int, generator: random.Random
         batches = []
         chunk = batch_size * bucket_batches
         for start in range(0, len(order), chunk):
-            block = sorted(order[start:start + chunk], key=lambda i: len(windows[i]))
-            batches += [block[i:i + batch_size] for i in range(0, len(block) - batch_size + 1, batch_size)]
+            block = sorted(order[start : start + chunk], key=lambda i: len(windows[i]))
+            batches += [block[i : i + batch_size] for i in range(0, len(block) - batch_size + 1, batch_size)]
         generator.shuffle(batches)
         for batch in batches:
             yield [windows[i] for i in batch]
@@ -126,18 +138,18 @@ def fixed_validation_batches(collator, windows: list[list[int]], batch_size: int
     """The same masked positions at every evaluation, so the curve compares like with like."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    batches = [collator([{"input_ids": w} for w in windows[start:start + batch_size]])
-               for start in range(0, len(windows), batch_size)]
+    batches = [
+        collator([{"input_ids": w} for w in windows[start : start + batch_size]])
+        for start in range(0, len(windows), batch_size)
+    ]
     torch.random.set_rng_state(state)
     return batches
 
 
-def pretrain_mlm(config: PretrainConfig, corpus: Corpus, progress: bool = True) -> tuple[BertForPreTraining,
-                                                                                          BertTokenizerFast,
-                                                                                          PretrainReport]:
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+def pretrain_mlm(
+    config: PretrainConfig, corpus: Corpus, progress: bool = True
+) -> tuple[BertForPreTraining, BertTokenizerFast, PretrainReport]:
+    seed_everything(config.seed)
     output = Path(config.output)
     validation = [i for i, t in enumerate(corpus.titles) if is_mlm_validation(t, config.validation_percent)]
     validation_set = set(validation)
@@ -145,47 +157,59 @@ def pretrain_mlm(config: PretrainConfig, corpus: Corpus, progress: bool = True) 
     tokenizer = train_wordpiece([f"{corpus.titles[i]} {corpus.texts[i]}" for i in train], config.vocab_size, output)
     train_windows = article_windows(tokenizer, corpus, train, config.max_length)
     validation_windows = article_windows(tokenizer, corpus, validation, config.max_length)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mask_probability,
-                                               return_tensors="pt")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mask_probability, return_tensors="pt")
     validation_batches = fixed_validation_batches(collator, validation_windows, config.batch_size, config.seed)
 
-    model = BertForPreTraining(BertConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden, num_hidden_layers=config.layers,
-        num_attention_heads=config.heads, intermediate_size=config.intermediate,
-        max_position_embeddings=max(512, config.max_length), pad_token_id=tokenizer.pad_token_id))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * config.max_steps),
-                                               config.max_steps)
-    report = PretrainReport(asdict(config), 0, len(train), len(validation), len(train_windows), 0.0)
-    batches = _batches(train_windows, config.batch_size, random.Random(config.seed))
-    started = time.perf_counter()
-    bar = tqdm(total=config.max_steps, desc="MLM pre-training", disable=not progress)
-    for step in range(1, config.max_steps + 1):
-        batch = collator([{"input_ids": w} for w in next(batches)])
-        loss, _, _ = mlm_loss_and_hits(model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        report.losses.append(round(loss.item(), 4))
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(report.losses[-50:]):.3f}")
-        if step % config.eval_every == 0 or step == config.max_steps:
-            evaluation = {"step": step, "minutes": round((time.perf_counter() - started) / 60, 1),
-                          **evaluate_mlm(model, validation_batches)}
-            report.evaluations.append(evaluation)
-            bar.write(f"step {step}: held-out MLM loss {evaluation['loss']:.3f}, accuracy {evaluation['accuracy']:.3f}")
-    bar.close()
-    model.eval()
-    report.steps = config.max_steps
-    report.seconds = round(time.perf_counter() - started, 1)
+    model = BertForPreTraining(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            intermediate_size=config.intermediate,
+            max_position_embeddings=max(512, config.max_length),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Collated one step at a time: masking and dropout draw on the same torch generator, so their order fixes the run.
+    batches = (
+        collator([{"input_ids": window} for window in windows])
+        for windows in _batches(train_windows, config.batch_size, random.Random(config.seed))
+    )
+
+    def evaluate(step: int) -> dict:
+        evaluation = evaluate_mlm(model, validation_batches)
+        tqdm.write(f"step {step}: held-out MLM loss {evaluation['loss']:.3f}, accuracy {evaluation['accuracy']:.3f}")
+        return evaluation
+
+    settings = LoopSettings(
+        config.max_steps,
+        config.learning_rate,
+        config.warmup_fraction,
+        "MLM pre-training",
+        loss_window=50,
+        evaluate_every=config.eval_every,
+    )
+    result = run_training(
+        model, batches, lambda batch: mlm_loss_and_hits(model, batch)[0], settings, evaluate, progress
+    )
+    report = PretrainReport(
+        asdict(config),
+        config.max_steps,
+        len(train),
+        len(validation),
+        len(train_windows),
+        result.seconds,
+        [round(loss, 4) for loss in result.losses],
+        result.evaluations,
+        result.hardware,
+    )
     return model, tokenizer, report
 
 
-def save_pretrained_model(model: BertForPreTraining, tokenizer: BertTokenizerFast, config: PretrainConfig,
-                          report: PretrainReport) -> Path:
+def save_pretrained_model(
+    model: BertForPreTraining, tokenizer: BertTokenizerFast, config: PretrainConfig, report: PretrainReport
+) -> Path:
     """A standard transformers directory: AutoModel gives the encoder, AutoModelForMaskedLM the MLM head."""
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -197,4 +221,3 @@ def save_pretrained_model(model: BertForPreTraining, tokenizer: BertTokenizerFas
     (output / LENS_CONFIG).write_text(json.dumps({"pooling": "cls", "normalize": False, "base": None}, indent=1) + "\n")
     (output / "pretrain_log.json").write_text(json.dumps(asdict(report)) + "\n")
     return output
-

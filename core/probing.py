@@ -15,25 +15,28 @@ convex; the L2 strength is chosen on a validation fifth of the training queries.
 Controls: the same probe untrained (random weights; sits near 1/N), the probe on the passage block
 only (what is solvable without the query), and the layer's plain dot product (no training).
 """
+
 from __future__ import annotations
 
-import inspect
 import random
-import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .cache import ResultCache
+from .bm25 import rank_by_bm25
+from .cache import Analysis, ResultCache
 from .corpus import Corpus, CorpusError, LabelledQuery, description_queries, split_indices
+from .device import scaled
+from .errors import LensError
 from .evaluation import bootstrap_interval
 from .index import PASSAGE_MAX_LENGTH, DenseIndex
-from .pair import Encoder, ModelPair, Tower
+from .pair import ENCODE_BATCH_CAP, Encoder, ModelPair, Tower
+from .retrieval import search_queries
+from .runtime import model_work
 
 Progress = Callable[[int, int], None]
 NEGATIVE_SOURCES = ("bm25", "A", "B")
@@ -43,7 +46,7 @@ GRID_ITERATIONS = 40  # enough to rank the L2 strengths; the chosen one is then 
 RETRIEVAL_DEPTH = 50
 
 
-class ProbeError(ValueError):
+class ProbeError(LensError):
     """A probing run that cannot be made; the message is meant for the user."""
 
 
@@ -102,7 +105,22 @@ class ProbeResult:
     seconds: float = 0.0
 
 
+PROBE_FEATURES = Analysis(
+    "probe-features",
+    version=1,
+    fields=("model", "corpus", "queries", "passages", "passage_max_length"),
+    result_type=dict,
+)
+PROBING = Analysis(
+    "probing",
+    version=1,
+    fields=("A", "B", "corpus", "config", "kinds", "l2_grid", "grid_iterations", "retrieval_depth"),
+    result_type=ProbeResult,
+)
+
+
 # ---- candidates -------------------------------------------------------------------------------
+
 
 def _sample_queries(queries: list[LabelledQuery], count: int, rng: random.Random) -> list[LabelledQuery]:
     return queries if len(queries) <= count else rng.sample(queries, count)
@@ -110,24 +128,19 @@ def _sample_queries(queries: list[LabelledQuery], count: int, rng: random.Random
 
 def bm25_rankings(corpus: Corpus, texts: Sequence[str], depth: int = RETRIEVAL_DEPTH) -> np.ndarray:
     """(queries x depth) corpus indices ranked by BM25 over title + text."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    passages = [f"{title} {text}" for title, text in zip(corpus.titles, corpus.texts)]
-    retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
-    tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
-    ranked, _ = retriever.retrieve(tokens, k=min(depth, len(corpus)), show_progress=False)
-    return np.asarray(ranked)
+    return rank_by_bm25(corpus, texts, depth)
 
 
-def dense_rankings(encoder: Encoder, index: DenseIndex, texts: Sequence[str],
-                   depth: int = RETRIEVAL_DEPTH) -> np.ndarray:
-    _, ranked = index.search(encoder.encode_queries(list(texts), batch_size=128), depth)
+def dense_rankings(
+    encoder: Encoder, index: DenseIndex, texts: Sequence[str], depth: int = RETRIEVAL_DEPTH
+) -> np.ndarray:
+    _, ranked = search_queries(encoder, index, texts, depth)
     return ranked
 
 
-def hard_negatives(ranked: np.ndarray, queries: Sequence[LabelledQuery], pools: Sequence[set[int]],
-                   count: int, seed: int) -> list[tuple[int, ...]]:
+def hard_negatives(
+    ranked: np.ndarray, queries: Sequence[LabelledQuery], pools: Sequence[set[int]], count: int, seed: int
+) -> list[tuple[int, ...]]:
     """The best-ranked `count` passages of each query's pool that are not relevant to it (never the
     positive nor an article sharing its description); random pool members if the ranking runs short."""
     rng = random.Random(seed)
@@ -144,8 +157,7 @@ def hard_negatives(ranked: np.ndarray, queries: Sequence[LabelledQuery], pools: 
     return result
 
 
-def build_sample(corpus: Corpus, config: ProbeConfig,
-                 rank: Callable[[Sequence[str]], np.ndarray]) -> ProbeSample:
+def build_sample(corpus: Corpus, config: ProbeConfig, rank: Callable[[Sequence[str]], np.ndarray]) -> ProbeSample:
     """Training queries from training articles, test queries from held-out ones (core.corpus split).
 
     Training queries draw negatives from training articles only, so no held-out passage is ever
@@ -168,71 +180,72 @@ def build_sample(corpus: Corpus, config: ProbeConfig,
     pools = [train_pool] * len(train) + [everything] * len(test)
     ranked = rank([q.text for q in queries])
     negatives = hard_negatives(ranked, queries, pools, config.max_negatives, config.seed)
-    return ProbeSample(tuple(q.text for q in queries), tuple(q.source_index for q in queries),
-                       tuple(negatives), len(train))
+    return ProbeSample(
+        tuple(q.text for q in queries), tuple(q.source_index for q in queries), tuple(negatives), len(train)
+    )
 
 
 # ---- features ---------------------------------------------------------------------------------
 
-def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return hidden[:, 0]  # "cls", and "pooler" read at its input position
 
-
-def _model_inputs(tower: Tower, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    accepted = inspect.signature(tower.model.forward).parameters
-    return {k: v for k, v in batch.items() if k in accepted}
-
-
-def layer_count(tower: Tower) -> int:
-    return tower.backbone.config.num_hidden_layers
-
-
+@model_work
 @torch.inference_mode()
-def layer_features(tower: Tower, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                   max_length: int | None = None, batch_size: int = 32,
-                   progress: Progress | None = None) -> np.ndarray:
-    """(layers + 1, len(texts), dim) pooled hidden states; layer 0 is the embedding output."""
-    order = np.argsort([-len(t) - (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)],
-                       kind="stable")
-    out = np.zeros((layer_count(tower) + 1, len(texts), tower.dim), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        chosen = order[start:start + batch_size]
-        batch = tower.tokenize([texts[i] for i in chosen],
-                               [pairs[i] for i in chosen] if pairs is not None else None, max_length)
-        outputs = tower.model(**_model_inputs(tower, batch), output_hidden_states=True)
-        for layer, hidden in enumerate(outputs.hidden_states):
-            pooled = pool_hidden(hidden, batch["attention_mask"], tower.pooling)
-            if tower.normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[layer, chosen] = pooled.float().numpy()
+def layer_features(
+    tower: Tower,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """(layers + 1, len(texts), dim) pooled hidden states; layer 0 is the embedding output.
+
+    Batched and pooled as Tower.encode does, so the last layer's features are the tower's embeddings.
+    """
+    out = np.zeros((tower.layer_count + 1, len(texts), tower.dim), dtype=np.float32)
+    batch_size = scaled(batch_size, tower.device, cap=ENCODE_BATCH_CAP)
+    for done, chosen, batch in tower.length_batches(texts, pairs, batch_size, max_length):
+        for layer, hidden in enumerate(tower.hidden_states(batch)):
+            out[layer, chosen] = tower.pool_hidden(hidden, batch["attention_mask"]).float().cpu().numpy()
         if progress:
-            progress(min(start + batch_size, len(texts)), len(texts))
+            progress(done, len(texts))
     return out
 
 
-def sample_features(encoder: Encoder, corpus: Corpus, sample: ProbeSample, max_length: int,
-                    cache: ResultCache, progress: Progress | None = None) -> dict[str, np.ndarray]:
+def sample_features(
+    encoder: Encoder,
+    corpus: Corpus,
+    sample: ProbeSample,
+    max_length: int,
+    cache: ResultCache,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
     """Layer features of the sample's queries (query tower) and candidate passages (context tower)."""
     passages = sample.passages
-    params = {"model": encoder.fingerprint, "corpus": corpus.fingerprint, "queries": list(sample.queries),
-              "passages": passages, "passage_max_length": max_length}
     total = len(sample.queries) + len(passages)
 
     def compute() -> dict[str, np.ndarray]:
-        queries = layer_features(encoder.query, sample.queries,
-                                 progress=(lambda d, t: progress(d, total)) if progress else None)
-        texts = layer_features(encoder.context, [corpus.titles[i] for i in passages],
-                               [corpus.texts[i] for i in passages], max_length,
-                               progress=(lambda d, t: progress(len(sample.queries) + d, total)) if progress else None)
+        queries = layer_features(
+            encoder.query, sample.queries, progress=(lambda d, t: progress(d, total)) if progress else None
+        )
+        texts = layer_features(
+            encoder.context,
+            [corpus.titles[i] for i in passages],
+            [corpus.texts[i] for i in passages],
+            max_length,
+            progress=(lambda d, t: progress(len(sample.queries) + d, total)) if progress else None,
+        )
         return {"queries": queries, "passages": texts, "passage_ids": np.asarray(passages)}
 
-    features = cache.get_or_compute(
-        "probe-features", params, compute,
-        is_valid=lambda v: isinstance(v, dict) and v["queries"].shape[1] == len(sample.queries)
-        and v["passages"].shape[1] == len(passages),
+    features = PROBE_FEATURES.get_or_compute(
+        cache,
+        compute,
+        check=lambda v: v["queries"].shape[1] == len(sample.queries) and v["passages"].shape[1] == len(passages),
+        model=encoder.fingerprint,
+        corpus=corpus.fingerprint,
+        queries=list(sample.queries),
+        passages=passages,
+        passage_max_length=max_length,
     )
     if progress:
         progress(total, total)
@@ -258,6 +271,7 @@ def pair_features(query: np.ndarray, passages: np.ndarray) -> np.ndarray:
 
 # ---- the probe --------------------------------------------------------------------------------
 
+
 @dataclass
 class LayerProbes:
     """One linear probe per layer: score_l(candidate) = w_l . standardise_l(features).
@@ -265,18 +279,17 @@ class LayerProbes:
     A bias would be shared by all candidates of a query and cancel in the softmax, so there is none.
     """
 
-    mean: np.ndarray    # (layers, f)
-    scale: np.ndarray   # (layers, f)
+    mean: np.ndarray  # (layers, f)
+    scale: np.ndarray  # (layers, f)
     weight: np.ndarray  # (layers, f)
-    l2: np.ndarray      # (layers,)
+    l2: np.ndarray  # (layers,)
 
     @classmethod
-    def standardiser(cls, features: np.ndarray) -> "LayerProbes":
+    def standardiser(cls, features: np.ndarray) -> LayerProbes:
         """Per-layer feature means and deviations over the training candidates; weights zero."""
         flat = features.reshape(features.shape[0], -1, features.shape[-1])
         layers, dim = features.shape[0], features.shape[-1]
-        return cls(flat.mean(1), np.maximum(flat.std(1), 1e-6), np.zeros((layers, dim), np.float32),
-                   np.zeros(layers))
+        return cls(flat.mean(1), np.maximum(flat.std(1), 1e-6), np.zeros((layers, dim), np.float32), np.zeros(layers))
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.mean[:, None, None]) / self.scale[:, None, None]).astype(np.float32)
@@ -290,8 +303,9 @@ class LayerProbes:
         return (self.scores(features).argmax(-1) == targets).astype(float)
 
 
-def _fit_weights(x: torch.Tensor, targets: torch.Tensor, l2: torch.Tensor, start: torch.Tensor | None = None,
-                 max_iter: int = 100) -> torch.Tensor:
+def _fit_weights(
+    x: torch.Tensor, targets: torch.Tensor, l2: torch.Tensor, start: torch.Tensor | None = None, max_iter: int = 100
+) -> torch.Tensor:
     """Independent softmax-regression probes, one per (setting g, layer l), fitted jointly.
 
     x: (layers, queries, n, f) standardised features; l2: (settings, layers). The objective is the
@@ -302,8 +316,15 @@ def _fit_weights(x: torch.Tensor, targets: torch.Tensor, l2: torch.Tensor, start
     settings, layers = l2.shape
     weight = (torch.zeros(settings, layers, x.shape[-1]) if start is None else start.clone()).requires_grad_(True)
     labels = targets.repeat(settings * layers)
-    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, history_size=10,
-                                  tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -325,8 +346,13 @@ def _mean_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
     return -picked.mean((-1, -2))
 
 
-def train_probes(features: np.ndarray, targets: np.ndarray, seed: int = 0, validation_fraction: float = 0.2,
-                 l2_grid: Sequence[float] = L2_GRID) -> LayerProbes:
+def train_probes(
+    features: np.ndarray,
+    targets: np.ndarray,
+    seed: int = 0,
+    validation_fraction: float = 0.2,
+    l2_grid: Sequence[float] = L2_GRID,
+) -> LayerProbes:
     """Fits one probe per layer on (layers, queries, n, f) training features.
 
     Each layer's L2 strength is the grid value with the lowest cross-entropy on a held-out fifth of
@@ -349,24 +375,9 @@ def train_probes(features: np.ndarray, targets: np.ndarray, seed: int = 0, valid
     return probes
 
 
-_THREADS = threading.Lock()
-
-
-@contextmanager
-def single_thread():
-    """Probe fits are many small, memory-bound tensor ops: with two OpenMP threads on a shared 2-core CPU
-    they mostly wait for each other (one thread measured 5x faster here), so fits run on one thread."""
-    with _THREADS:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-
-
-def untrained_accuracy(train_features: np.ndarray, test_features: np.ndarray, targets: np.ndarray,
-                       probes: int, seed: int) -> np.ndarray:
+def untrained_accuracy(
+    train_features: np.ndarray, test_features: np.ndarray, targets: np.ndarray, probes: int, seed: int
+) -> np.ndarray:
     """(layers,) mean test accuracy of random-weight probes on the same standardised features."""
     untrained = LayerProbes.standardiser(train_features)
     rng = np.random.default_rng(seed)
@@ -378,52 +389,82 @@ def untrained_accuracy(train_features: np.ndarray, test_features: np.ndarray, ta
     return np.mean(accuracies, 0)
 
 
-def probe_all_layers(query: np.ndarray, passages: np.ndarray, targets: np.ndarray, train_count: int,
-                     config: ProbeConfig) -> list[dict]:
+def probe_all_layers(
+    query: np.ndarray, passages: np.ndarray, targets: np.ndarray, train_count: int, config: ProbeConfig
+) -> list[dict]:
     """Every kind of accuracy for every layer at one N; query (layers, Q, d), passages (layers, Q, n, d)."""
     features = pair_features(query, passages)
     dim = query.shape[-1]
     train, test = slice(0, train_count), slice(train_count, None)
     outcomes = {}
     for kind, block in (("probe", features), ("passage only", features[..., :dim])):
-        with single_thread():
-            probes = train_probes(block[:, train], targets[train], config.seed, config.validation_fraction)
+        probes = train_probes(block[:, train], targets[train], config.seed, config.validation_fraction)
         outcomes[kind] = (probes.correct(block[:, test], targets[test]), probes.l2)
     similarity = features[..., dim:].sum(-1)
     outcomes["dot product"] = ((similarity[:, test].argmax(-1) == targets[test]).astype(float), None)
-    untrained = untrained_accuracy(features[:, train], features[:, test], targets[test],
-                                   config.control_probes, config.seed)
+    untrained = untrained_accuracy(
+        features[:, train], features[:, test], targets[test], config.control_probes, config.seed
+    )
     rows = []
     for layer in range(features.shape[0]):
         for kind, (correct, l2) in outcomes.items():
             low, high = bootstrap_interval(correct[layer], seed=config.seed)
-            rows.append({"layer": layer, "kind": kind, "accuracy": float(correct[layer].mean()),
-                         "low": low, "high": high, "l2": None if l2 is None else float(l2[layer])})
-        rows.append({"layer": layer, "kind": "untrained", "accuracy": float(untrained[layer]),
-                     "low": None, "high": None, "l2": None})
+            rows.append(
+                {
+                    "layer": layer,
+                    "kind": kind,
+                    "accuracy": float(correct[layer].mean()),
+                    "low": low,
+                    "high": high,
+                    "l2": None if l2 is None else float(l2[layer]),
+                }
+            )
+        rows.append(
+            {
+                "layer": layer,
+                "kind": "untrained",
+                "accuracy": float(untrained[layer]),
+                "low": None,
+                "high": None,
+                "l2": None,
+            }
+        )
     return rows
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def result_params(pair: ModelPair, corpus: Corpus, config: ProbeConfig) -> dict:
-    return {"A": pair.a.fingerprint, "B": pair.b.fingerprint, "corpus": corpus.fingerprint,
-            "config": asdict(config), "kinds": list(KINDS), "l2_grid": list(L2_GRID),
-            "grid_iterations": GRID_ITERATIONS, "retrieval_depth": RETRIEVAL_DEPTH}
+
+def _result_key(pair: ModelPair, corpus: Corpus, config: ProbeConfig) -> dict:
+    return {
+        "A": pair.a.fingerprint,
+        "B": pair.b.fingerprint,
+        "corpus": corpus.fingerprint,
+        "config": asdict(config),
+        "kinds": list(KINDS),
+        "l2_grid": list(L2_GRID),
+        "grid_iterations": GRID_ITERATIONS,
+        "retrieval_depth": RETRIEVAL_DEPTH,
+    }
 
 
-def cached_probing(pair: ModelPair, corpus: Corpus, config: ProbeConfig, cache: ResultCache) -> ProbeResult | None:
-    params = result_params(pair, corpus, config)
-    return cache.get("probing", params) if cache.contains("probing", params) else None
+def lookup_probing(pair: ModelPair, corpus: Corpus, config: ProbeConfig, cache: ResultCache) -> ProbeResult | None:
+    """The stored Table 1 for these settings, or None (never computes)."""
+    return PROBING.lookup(cache, **_result_key(pair, corpus, config))
 
 
 def _towers(encoder: Encoder) -> str:
-    return "shared query/context tower" if encoder.shared_towers else "separate query and context towers"
+    return "shared query/passage tower" if encoder.shared_towers else "separate query and passage towers"
 
 
-def run_probing(pair: ModelPair, corpus: Corpus, config: ProbeConfig, cache: ResultCache,
-                indexes: dict[str, DenseIndex] | None = None,
-                progress: Progress | None = None) -> ProbeResult:
+def run_probing(
+    pair: ModelPair,
+    corpus: Corpus,
+    config: ProbeConfig,
+    cache: ResultCache,
+    indexes: dict[str, DenseIndex] | None = None,
+    progress: Progress | None = None,
+) -> ProbeResult:
     """Table 1 for both models of the pair: accuracy per (model, N, layer, kind). Cached."""
 
     def compute() -> ProbeResult:
@@ -435,7 +476,7 @@ def run_probing(pair: ModelPair, corpus: Corpus, config: ProbeConfig, cache: Res
         else:
             raise ProbeError(f"Hard negatives from model {config.negatives} need that model's index.")
         sample = build_sample(corpus, config, rank)
-        layers = {name: layer_count(encoder.query) for name, encoder in pair.models.items()}
+        layers = {name: encoder.query.layer_count for name, encoder in pair.models.items()}
         encode_units = len(sample.queries) + len(sample.passages)
         total = 2 * encode_units + 2 * len(config.ns)
         done = 0
@@ -452,21 +493,25 @@ def run_probing(pair: ModelPair, corpus: Corpus, config: ProbeConfig, cache: Res
             for n in config.ns:
                 candidates, targets = candidate_matrix(sample, n, config.seed)
                 columns = np.vectorize(position.__getitem__)(candidates)
-                for row in probe_all_layers(features["queries"], features["passages"][:, columns], targets,
-                                            sample.train_count, config):
+                for row in probe_all_layers(
+                    features["queries"], features["passages"][:, columns], targets, sample.train_count, config
+                ):
                     rows.append({"model": name, "n": n, **row})
                 done += 1
                 report(0)
         return ProbeResult(
-            config=asdict(config), corpus=corpus.name,
+            config=asdict(config),
+            corpus=corpus.name,
             models={name: encoder.label for name, encoder in pair.models.items()},
             towers={name: _towers(encoder) for name, encoder in pair.models.items()},
-            layers=layers, train_queries=sample.train_count,
+            layers=layers,
+            train_queries=sample.train_count,
             test_queries=len(sample.queries) - sample.train_count,
-            rows=rows, seconds=round(time.perf_counter() - started, 1),
+            rows=rows,
+            seconds=round(time.perf_counter() - started, 1),
         )
 
-    return cache.get_or_compute("probing", result_params(pair, corpus, config), compute)
+    return PROBING.get_or_compute(cache, compute, **_result_key(pair, corpus, config))
 
 
 def format_table(result: ProbeResult, kinds: Sequence[str] = KINDS) -> str:
@@ -478,7 +523,9 @@ def format_table(result: ProbeResult, kinds: Sequence[str] = KINDS) -> str:
     for model in result.models:
         for n in result.config["ns"]:
             for kind in kinds:
-                cells = "".join(f"{lookup[(model, n, layer, kind)]:>7.3f}" if (model, n, layer, kind) in lookup
-                                else f"{'':>7}" for layer in range(depth + 1))
+                cells = "".join(
+                    f"{lookup[(model, n, layer, kind)]:>7.3f}" if (model, n, layer, kind) in lookup else f"{'':>7}"
+                    for layer in range(depth + 1)
+                )
                 lines.append(f"{model:<6}{n:>3}  {kind:<13}{cells}")
     return "\n".join(lines)

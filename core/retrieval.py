@@ -1,21 +1,26 @@
 """Query -> ranked passages for one model, and how two models' rankings overlap."""
+
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import ResultCache
+from .cache import Analysis, ResultCache
 from .corpus import Corpus
+from .errors import LensError
 from .index import DenseIndex
 from .pair import Encoder
 
 MAX_K = 100
+RETRIEVAL = Analysis("retrieval", version=1, fields=("query_model", "index", "query", "k"), result_type=tuple)
 SNIPPET_CHARS = 240
+QUERY_BATCH = 128  # queries are short: large batches cost little padding
 
 
-class QueryError(ValueError):
+class QueryError(LensError):
     """A query that cannot be run; the message is meant for the user."""
 
 
@@ -68,8 +73,9 @@ def _snippet(text: str) -> str:
     return text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS].rsplit(" ", 1)[0] + " …"
 
 
-def retrieve(encoder: Encoder, index: DenseIndex, corpus: Corpus, text: str, k: int = 10,
-             cache: ResultCache | None = None) -> Ranking:
+def retrieve(
+    encoder: Encoder, index: DenseIndex, corpus: Corpus, text: str, k: int = 10, cache: ResultCache | None = None
+) -> Ranking:
     if not 1 <= k <= MAX_K:
         raise QueryError(f"top-k must be between 1 and {MAX_K}.")
     query = prepare_query(encoder, text)
@@ -79,13 +85,25 @@ def retrieve(encoder: Encoder, index: DenseIndex, corpus: Corpus, text: str, k: 
         scores, indices = index.search(vector, k)
         return scores[0].tolist(), indices[0].tolist()
 
-    params = {"query": query.text, "k": k, "index": index.params, "query_model": encoder.fingerprint}
-    scores, indices = (cache.get_or_compute("retrieval", params, compute) if cache else compute())
+    scores, indices = RETRIEVAL.get_or_compute(
+        cache, compute, query=query.text, k=k, index=index.params, query_model=encoder.fingerprint
+    )
     hits = tuple(
         Hit(rank, i, corpus.ids[i], corpus.titles[i], float(s), _snippet(corpus.texts[i]))
-        for rank, (s, i) in enumerate(zip(scores, indices), start=1) if i >= 0
+        for rank, (s, i) in enumerate(zip(scores, indices), start=1)
+        if i >= 0
     )
     return Ranking(query, hits)
+
+
+def search_queries(
+    encoder: Encoder,
+    index: DenseIndex,
+    texts: Sequence[str],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Many queries at once: (scores, passage indices), each (queries, k); encoded in length-sorted batches."""
+    return index.search(encoder.encode_queries(list(texts), batch_size=QUERY_BATCH), k)
 
 
 @dataclass(frozen=True)
@@ -115,8 +133,8 @@ def rank_biased_overlap(a: list[int], b: list[int], p: float = 0.9) -> float:
             overlap += (x in seen_b) + (y in seen_a)
         seen_a.add(x)
         seen_b.add(y)
-        total += (overlap / d) * p ** d
-    return float((overlap / depth) * p ** depth + (1 - p) / p * total)
+        total += (overlap / d) * p**d
+    return float((overlap / depth) * p**depth + (1 - p) / p * total)
 
 
 def compare_rankings(a: Ranking, b: Ranking) -> Overlap:

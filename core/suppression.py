@@ -1,17 +1,19 @@
 """Knowledge removal (the analog of 2402.11035's): zero a query's top-k knowledge neurons, re-encode
 the query, re-retrieve from the model's index and follow the rank of one passage as k grows."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .index import DenseIndex
-from .neuron_attribution import SITES, NeuronAttribution, TargetedAttribution, ffn_sites
+from .neuron_attribution import SITES, NeuronAttribution, TargetedAttribution
 from .pair import Encoder, Tower
+from .runtime import model_work, require_model_job
 
 DEFAULT_MAX_K = 50
 CURVE_POINTS = 11
@@ -49,10 +51,15 @@ def curve_ks(max_k: int, points: int = CURVE_POINTS) -> list[int]:
 @contextmanager
 def suppressing(tower: Tower, neurons_per_row: Sequence[Sequence[Neuron]]) -> Iterator[None]:
     """While active, row r of a forward pass has neurons_per_row[r] set to 0 at every token position."""
-    sites = ffn_sites(tower)
+    require_model_job("Zeroing neurons")
+    sites = tower.ffn_sites
     rows = len(neurons_per_row)
     sizes = {"intermediate": sites[0].down.in_features, "output": sites[0].down.out_features}
-    masks = {(layer, site): torch.ones(rows, 1, sizes[site]) for layer in range(len(sites)) for site in SITES}
+    masks = {
+        (layer, site): torch.ones(rows, 1, sizes[site], device=tower.device)
+        for layer in range(len(sites))
+        for site in SITES
+    }
     touched = set()
     for row, neurons in enumerate(neurons_per_row):
         for neuron in neurons:
@@ -83,8 +90,15 @@ class SuppressionCurve:
     neurons: tuple[Neuron, ...]  # zeroing order; the first k are zeroed at k
 
 
-def suppression_curve(encoder: Encoder, index: DenseIndex, analysed: TargetedAttribution, ks: Sequence[int],
-                      passage: int | None = None, top: int = 5) -> SuppressionCurve:
+@model_work
+def suppression_curve(
+    encoder: Encoder,
+    index: DenseIndex,
+    analysed: TargetedAttribution,
+    ks: Sequence[int],
+    passage: int | None = None,
+    top: int = 5,
+) -> SuppressionCurve:
     """Zero the top-k query-tower neurons of `analysed` for each k, re-encode the query and re-retrieve.
 
     The followed passage defaults to the one the attribution explains (the original top-1 or a chosen one).
@@ -98,12 +112,19 @@ def suppression_curve(encoder: Encoder, index: DenseIndex, analysed: TargetedAtt
     batch = tower.tokenize([analysed.query])
     rows = {key: value.expand(len(ks), -1) for key, value in batch.items()}
     with suppressing(tower, [neurons[:k] for k in ks]), torch.inference_mode():
-        vectors = tower.forward(rows).float().numpy()
+        vectors = tower.forward(rows).float().cpu().numpy()
     scores, ranked = index.search(vectors, len(index))
     ranks, followed = [], []
     for row_scores, row_ranked in zip(scores, ranked):
         position = int(np.flatnonzero(row_ranked == passage)[0])
         ranks.append(position + 1)
         followed.append(float(row_scores[position]))
-    return SuppressionCurve(analysed.query, passage, ks, tuple(ranks), tuple(followed),
-                            tuple(tuple(int(i) for i in row[:top]) for row in ranked), tuple(neurons))
+    return SuppressionCurve(
+        analysed.query,
+        passage,
+        ks,
+        tuple(ranks),
+        tuple(followed),
+        tuple(tuple(int(i) for i in row[:top]) for row in ranked),
+        tuple(neurons),
+    )

@@ -1,87 +1,110 @@
 """Home: both models' top-k passages for the query, side by side, and how much they agree."""
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.retrieval import MAX_K, QueryError, compare_rankings, retrieve
-from ui.render import STYLE, escape, hit_card
-from ui.state import (query_box, require_corpus, require_indexes, require_pair, result_cache,
-                      select_passage, selected_passage, sidebar)
+from core.corpus import Corpus
+from core.pair import ModelPair
+from core.retrieval import MAX_K, compare_rankings, retrieve
+from ui.frame import run_page
+from ui.render import STYLE, hit_card
+from ui.state import (
+    query_box,
+    require_indexes,
+    result_cache,
+    select_passage,
+    selected_passage,
+)
 
-sidebar()
-st.title("DPR Lens: retrieval")
-pair = require_pair()
-corpus = require_corpus()
-st.caption(f"**{pair.spec.title}** · corpus: {escape(corpus.name)} ({len(corpus):,} passages)")
 
-left, right = st.columns([4, 1])
-with left:
-    text = query_box()
-with right:
-    k = st.number_input("top-k", min_value=1, max_value=MAX_K, value=10, step=1, key="top_k")
+def render(pair: ModelPair, corpus: Corpus) -> None:
+    left, right = st.columns([4, 1])
+    with left:
+        text = query_box()
+    with right:
+        k = st.number_input("top-k", min_value=1, max_value=MAX_K, value=10, step=1, key="top_k")
 
-if not text.strip():
-    st.info("Type a query to retrieve passages, e.g. *country in Western Europe*.")
-    st.stop()
+    if not text.strip():
+        st.info("Type a query to retrieve passages, e.g. *country in Western Europe*.")
+        st.stop()
 
-indexes = require_indexes(pair, corpus)
-try:
+    indexes = require_indexes(pair, corpus)
     rankings = {
         name: retrieve(encoder, indexes[name], corpus, text, int(k), cache=result_cache())
         for name, encoder in pair.models.items()
     }
-except QueryError as error:
-    st.info(str(error))
-    st.stop()
 
-for name, ranking in rankings.items():
-    if ranking.query.truncated:
-        st.warning(
-            f"Model {name} reads at most {ranking.query.max_length} tokens; the query has "
-            f"{ranking.query.token_count}, so it was truncated."
+    for name, ranking in rankings.items():
+        if ranking.query.truncated:
+            st.warning(
+                f"Model {name} reads at most {ranking.query.max_length} tokens; the query has "
+                f"{ranking.query.token_count}, so it was truncated."
+            )
+    if rankings["A"].query.text != text.strip():
+        st.caption("Control characters in the query were replaced by spaces.")
+
+    overlap = compare_rankings(rankings["A"], rankings["B"])
+    metrics = st.columns(4)
+    metrics[0].metric(f"Shared in top-{overlap.k}", f"{len(overlap.shared)}")
+    metrics[1].metric(f"Jaccard@{overlap.k}", f"{overlap.jaccard:.2f}")
+    metrics[2].metric("Rank-biased overlap (p=0.9)", f"{overlap.rbo:.2f}")
+    metrics[3].metric("Mean |rank shift| of shared", f"{overlap.mean_abs_shift:.1f}")
+
+    st.markdown(STYLE, unsafe_allow_html=True)
+    columns = st.columns(2)
+    for column, (name, encoder) in zip(columns, pair.models.items()):
+        with column:
+            st.subheader(f"{name}: {encoder.label}")
+            cards = []
+            for hit in rankings[name].hits:
+                shift = overlap.rank_shift.get(hit.index)
+                cards.append(
+                    hit_card(
+                        hit.rank,
+                        hit.title,
+                        hit.score,
+                        hit.snippet,
+                        hit.index in overlap.shared,
+                        shift if name == "B" else None,
+                    )
+                )
+            st.markdown("".join(cards), unsafe_allow_html=True)
+
+    if overlap.shared:
+        rows = []
+        for index in overlap.shared:
+            rank_a = rankings["A"].indices.index(index) + 1
+            rank_b = rankings["B"].indices.index(index) + 1
+            rows += [
+                {"passage": corpus.titles[index], "model": "A", "rank": rank_a},
+                {"passage": corpus.titles[index], "model": "B", "rank": rank_b},
+            ]
+        chart = (
+            alt.Chart(pd.DataFrame(rows))
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("model:N", title=None),
+                y=alt.Y("rank:Q", scale=alt.Scale(reverse=True), title="rank"),
+                color=alt.Color("passage:N", legend=None),
+                tooltip=["passage:N", "model:N", "rank:Q"],
+            )
+            .properties(title="Rank of passages retrieved by both models", height=260)
         )
-if rankings["A"].query.text != text.strip():
-    st.caption("Control characters in the query were replaced by spaces.")
+        st.altair_chart(chart, use_container_width=True)
 
-overlap = compare_rankings(rankings["A"], rankings["B"])
-metrics = st.columns(4)
-metrics[0].metric(f"Shared in top-{overlap.k}", f"{len(overlap.shared)}")
-metrics[1].metric(f"Jaccard@{overlap.k}", f"{overlap.jaccard:.2f}")
-metrics[2].metric("Rank-biased overlap (p=0.9)", f"{overlap.rbo:.2f}")
-metrics[3].metric("Mean |rank shift| of shared", f"{overlap.mean_abs_shift:.1f}")
+    current = selected_passage(corpus)
+    union = list(
+        dict.fromkeys(rankings["A"].indices + rankings["B"].indices + ([current] if current is not None else []))
+    )
+    choice = st.selectbox(
+        "Passage to analyse on the other pages",
+        union,
+        index=union.index(current) if current in union else 0,
+        format_func=lambda i: corpus.titles[i] or corpus.ids[i],
+        key="passage_choice",
+    )
+    select_passage(corpus, choice)
 
-st.markdown(STYLE, unsafe_allow_html=True)
-columns = st.columns(2)
-for column, (name, encoder) in zip(columns, pair.models.items()):
-    with column:
-        st.subheader(f"{name}: {encoder.label}")
-        cards = []
-        for hit in rankings[name].hits:
-            shift = overlap.rank_shift.get(hit.index)
-            cards.append(hit_card(hit.rank, hit.title, hit.score, hit.snippet, hit.index in overlap.shared,
-                                  shift if name == "B" else None))
-        st.markdown("".join(cards), unsafe_allow_html=True)
 
-if overlap.shared:
-    rows = []
-    for index in overlap.shared:
-        rank_a = rankings["A"].indices.index(index) + 1
-        rank_b = rankings["B"].indices.index(index) + 1
-        rows += [{"passage": corpus.titles[index], "model": "A", "rank": rank_a},
-                 {"passage": corpus.titles[index], "model": "B", "rank": rank_b}]
-    chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
-        x=alt.X("model:N", title=None),
-        y=alt.Y("rank:Q", scale=alt.Scale(reverse=True), title="rank"),
-        color=alt.Color("passage:N", legend=None),
-        tooltip=["passage:N", "model:N", "rank:Q"],
-    ).properties(title="Rank of passages retrieved by both models", height=260)
-    st.altair_chart(chart, use_container_width=True)
-
-current = selected_passage(corpus)
-union = list(dict.fromkeys(rankings["A"].indices + rankings["B"].indices + ([current] if current is not None else [])))
-choice = st.selectbox(
-    "Passage to analyse on the other pages", union,
-    index=union.index(current) if current in union else 0,
-    format_func=lambda i: corpus.titles[i] or corpus.ids[i], key="passage_choice",
-)
-select_passage(corpus, choice)
+run_page("DPR Lens: retrieval", render)

@@ -1,4 +1,5 @@
 """The retrieval page on the real offline pair over the full corpus (prebuilt embeddings)."""
+
 import json
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_script_query_is_text_and_long_query_is_truncated_visibly(app):
     assert not app.exception
     html = _markdown(app)
     assert "<script>" not in html and "<img" not in html
-    app.text_input(key="query_input").set_value("word " * 1000 + "\U0001F600 \u05e9\u05dc\u05d5\u05dd \x07").run()
+    app.text_input(key="query_input").set_value("word " * 1000 + "\U0001f600 \u05e9\u05dc\u05d5\u05dd \x07").run()
     assert not app.exception
     assert any("truncated" in w.value for w in app.warning)
 
@@ -71,11 +72,22 @@ def test_unknown_custom_model_gives_one_clear_sentence(app, monkeypatch):
 
 def test_custom_corpus_with_hostile_text_and_a_bad_line(app, tmp_path):
     corpus = tmp_path / "hostile.jsonl"
-    corpus.write_text("\n".join([
-        json.dumps({"id": "x", "title": "<script>alert(1)</script>", "text": "<img src=x onerror=alert(2)> a passage about opera"}),
-        "{broken",
-        json.dumps({"id": "y", "title": "Carmen", "text": "Carmen is an opera by Georges Bizet."}),
-    ]) + "\n")
+    corpus.write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {
+                        "id": "x",
+                        "title": "<script>alert(1)</script>",
+                        "text": "<img src=x onerror=alert(2)> a passage about opera",
+                    }
+                ),
+                "{broken",
+                json.dumps({"id": "y", "title": "Carmen", "text": "Carmen is an opera by Georges Bizet."}),
+            ]
+        )
+        + "\n"
+    )
     app.text_input(key="corpus_path").set_value(str(corpus))
     app.text_input(key="query_input").set_value("opera").run()
     assert not app.exception

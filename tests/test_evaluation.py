@@ -5,15 +5,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.corpus import Corpus, LabelledQuery, description_queries, split_indices
-from core.evaluation import (A_WINS, B_WINS, BOTH, NEITHER, QueryFileError, bootstrap_interval, evaluate_pair,
-                             evaluate_ranked, first_relevant_rank, load_query_file, outcome_counts,
-                             paired_difference, parse_query_lines, per_query_metrics, wins_losses)
+from core.cache import ResultCache
+from core.corpus import Corpus, LabelledQuery, description_queries, load_wiki, split_indices
+from core.evaluation import (
+    A_WINS,
+    B_WINS,
+    BOTH,
+    NEITHER,
+    QueryFileError,
+    bootstrap_interval,
+    evaluate_pair,
+    evaluate_ranked,
+    first_relevant_rank,
+    load_query_file,
+    outcome_counts,
+    paired_difference,
+    parse_query_lines,
+    per_query_metrics,
+    wins_losses,
+)
 from core.pair import custom_pair, load_pair
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
-SMALL = Corpus("small", ("p0", "p1", "p2", "42"), ("Paris", "Rome", "Oslo", "Answer"),
-               ("Paris is in France.", "Rome is in Italy.", "Oslo is in Norway.", "Forty-two."))
+SMALL = Corpus(
+    "small",
+    ("p0", "p1", "p2", "42"),
+    ("Paris", "Rome", "Oslo", "Answer"),
+    ("Paris is in France.", "Rome is in Italy.", "Oslo is in Norway.", "Forty-two."),
+)
 
 
 def _query(relevant, text="q"):
@@ -21,11 +40,13 @@ def _query(relevant, text="q"):
 
 
 def test_metrics_on_hand_made_rankings_with_several_relevant():
-    ranked = np.array([
-        [5, 7, 1, 9, 3, 11, 12, 13, 14, 15, 16, 17],   # relevant {1, 3} at ranks 3 and 5
-        [2, 0, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22],   # relevant {2} at rank 1
-        [0, 1, 4, 5, 6, 7, 8, 10, 11, 12, 9, 13],      # relevant {9} at rank 11: beyond every @10 cut
-    ])
+    ranked = np.array(
+        [
+            [5, 7, 1, 9, 3, 11, 12, 13, 14, 15, 16, 17],  # relevant {1, 3} at ranks 3 and 5
+            [2, 0, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22],  # relevant {2} at rank 1
+            [0, 1, 4, 5, 6, 7, 8, 10, 11, 12, 9, 13],  # relevant {9} at rank 11: beyond every @10 cut
+        ]
+    )
     metrics = per_query_metrics(ranked, [frozenset({1, 3}), frozenset({2}), frozenset({9})])
     assert set(metrics) == {"R@1", "R@5", "R@10", "MRR@10", "nDCG@10"}  # R@100 needs depth 100
     np.testing.assert_allclose(metrics["R@1"], [0, 1, 0])
@@ -72,27 +93,35 @@ def test_wins_and_losses_on_a_hand_made_case():
 
 def test_query_jsonl_accepts_ids_lists_and_numbers(tmp_path):
     path = tmp_path / "queries.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"query": "capital of France", "gold_ids": ["p0"]}),
-        "",
-        json.dumps({"query": "  Nordic capitals ", "gold_ids": ["p2", "p0"]}),
-        json.dumps({"query": "the answer", "gold_id": 42}),
-        json.dumps({"query": "eternal city", "gold": "p1"}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"query": "capital of France", "gold_ids": ["p0"]}),
+                "",
+                json.dumps({"query": "  Nordic capitals ", "gold_ids": ["p2", "p0"]}),
+                json.dumps({"query": "the answer", "gold_id": 42}),
+                json.dumps({"query": "eternal city", "gold": "p1"}),
+            ]
+        )
+        + "\n"
+    )
     queries = load_query_file(path, SMALL)
     assert [q.text for q in queries] == ["capital of France", "Nordic capitals", "the answer", "eternal city"]
     assert [q.relevant for q in queries] == [{0}, {2, 0}, {3}, {1}]
     assert queries[1].source_index == 2  # the first listed gold passage is the one to analyse
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"query": "x", "gold_ids": ["p0"]', "line 2: not valid JSON"),
-    ('["query", "p0"]', "line 2: not a JSON object"),
-    ('{"gold_ids": ["p0"]}', 'line 2: missing a non-empty "query"'),
-    ('{"query": "x"}', "line 2: missing gold passage ids"),
-    ('{"query": "x", "gold_ids": []}', "line 2: missing gold passage ids"),
-    ('{"query": "x", "gold_ids": ["Pariss"]}', "line 2: gold id 'Pariss' is not in corpus small"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"query": "x", "gold_ids": ["p0"]', "line 2: not valid JSON"),
+        ('["query", "p0"]', "line 2: not a JSON object"),
+        ('{"gold_ids": ["p0"]}', 'line 2: missing a non-empty "query"'),
+        ('{"query": "x"}', "line 2: missing gold passage ids"),
+        ('{"query": "x", "gold_ids": []}', "line 2: missing gold passage ids"),
+        ('{"query": "x", "gold_ids": ["Pariss"]}', "line 2: gold id 'Pariss' is not in corpus small"),
+    ],
+)
 def test_a_bad_query_line_is_an_error_naming_its_line(line, message):
     lines = [json.dumps({"query": "ok", "gold_ids": ["p0"]}), line]
     with pytest.raises(QueryFileError, match="gold_ids") as error:
@@ -111,12 +140,24 @@ def test_cli_reports_the_bad_line_without_a_traceback(tmp_path, capsys):
     from core.cli import main
 
     corpus_path, queries_path = tmp_path / "corpus.jsonl", tmp_path / "queries.jsonl"
-    corpus_path.write_text("".join(json.dumps({"id": i, "title": t, "text": x}) + "\n"
-                                   for i, t, x in zip(SMALL.ids, SMALL.titles, SMALL.texts)))
+    corpus_path.write_text(
+        "".join(
+            json.dumps({"id": i, "title": t, "text": x}) + "\n" for i, t, x in zip(SMALL.ids, SMALL.titles, SMALL.texts)
+        )
+    )
     queries_path.write_text('{"query": "x", "gold_ids": ["p1"]}\n{"query": "y", "gold_ids": ["zzz"]}\n')
     with pytest.raises(SystemExit) as exit_info:
-        main(["--cache", str(tmp_path / "cache"), "evaluate", "--corpus", str(corpus_path),
-              "--queries-jsonl", str(queries_path)])
+        main(
+            [
+                "--cache",
+                str(tmp_path / "cache"),
+                "evaluate",
+                "--corpus",
+                str(corpus_path),
+                "--queries-jsonl",
+                str(queries_path),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "queries.jsonl: 1 bad line(s): line 2: gold id 'zzz'" in capsys.readouterr().err
 
@@ -127,8 +168,10 @@ def test_evaluate_pair_matches_brute_force_search(tiny_bert_dir, tiny_dpr_dirs, 
     queries = description_queries(wiki_slice, split_indices(wiki_slice)[1])
     evaluations = evaluate_pair(pair, wiki_slice, queries, cache)
     for name, encoder in pair.models.items():
-        scores = encoder.encode_queries([q.text for q in queries]) @ encoder.encode_passages(
-            wiki_slice.titles, wiki_slice.texts, max_length=256).T
+        scores = (
+            encoder.encode_queries([q.text for q in queries])
+            @ encoder.encode_passages(wiki_slice.titles, wiki_slice.texts, max_length=256).T
+        )
         ranked = np.array(evaluations[name].ranked)
         assert ranked.shape == (len(queries), 100) and all(len(set(row)) == 100 for row in ranked)
         # batch padding moves scores by ~1e-6, so compare the scores at each rank, not tie-prone indices
@@ -145,8 +188,12 @@ def open_page(monkeypatch, tmp_path, model_a, model_b, model_b_context=""):
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=180)
-    for key, value in (("pair_key", "custom"), ("custom_a", str(model_a)), ("custom_b", str(model_b)),
-                       ("custom_b_context", str(model_b_context))):
+    for key, value in (
+        ("pair_key", "custom"),
+        ("custom_a", str(model_a)),
+        ("custom_b", str(model_b)),
+        ("custom_b_context", str(model_b_context)),
+    ):
         at.session_state[key] = value
     return at.switch_page("pages/probing_evaluation.py").run()
 
@@ -157,7 +204,19 @@ def test_page_evaluates_and_links_a_query_to_the_retrieval_page(monkeypatch, tmp
     assert any(c.value.startswith("**Custom:") and "150 passages" in c.value for c in at.caption)
     metrics = at.dataframe[0].value
     assert list(metrics["metric"]) == ["R@1", "R@5", "R@10", "R@100", "MRR@10", "nDCG@10"]
-    assert ((metrics["A"] >= 0) & (metrics["A"] <= 1)).all()
+    # The page's cache: its embeddings are reused, while a different query set or pair would miss it.
+    corpus, expected_cache = load_wiki(limit=150), ResultCache(tmp_path / "cache")
+    try:
+        expected = evaluate_pair(
+            load_pair(custom_pair(str(tiny_bert_dir), *map(str, tiny_dpr_dirs))),
+            corpus,
+            description_queries(corpus, split_indices(corpus)[1]),
+            expected_cache,
+        )
+    finally:
+        expected_cache.close()
+    for name, evaluation in expected.items():
+        assert metrics.set_index("metric")[name].to_dict() == pytest.approx(evaluation.means)
     at.multiselect(key="eval_outcomes").set_value([B_WINS, A_WINS, BOTH, NEITHER]).run()
     outcomes = at.dataframe[1].value
     assert len(outcomes) == sum(int(m.value) for m in at.metric) > 0

@@ -1,5 +1,6 @@
 """Hostile and odd input (issue 6) on the token-attribution, knowledge-neuron and probing pages, through
 AppTest and through the core API, on tiny random models. The retrieval page has its own tests."""
+
 import html
 import io
 import json
@@ -22,24 +23,35 @@ from core.pair import custom_pair, load_pair
 from core.probing import ProbeConfig, ProbeError, run_probing
 from core.retrieval import QueryError, clean_query
 from core.suppression import curve_ks, suppression_curve
-from core.token_attribution import (AttributionError, IGSettings, attribute_pair, attribute_queries, attribute_ranking,
-                                    deletion_curve)
+from core.token_attribution import (
+    IGSettings,
+    attribute_pair,
+    attribute_queries,
+    attribute_ranking,
+    deletion_curve,
+)
+from tests.conftest import make_tiny_bert
 from ui.neuron_views import completeness_table
 from ui.token_views import tokens_html
-from tests.conftest import make_tiny_bert
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 TIMEOUT = 240
 LIMIT = 6
-PAGES = {"token": "pages/token_attributions.py", "neurons": "pages/knowledge_neurons.py",
-         "probing": "pages/probing_evaluation.py"}
+PAGES = {
+    "token": "pages/token_attributions.py",
+    "neurons": "pages/knowledge_neurons.py",
+    "probing": "pages/probing_evaluation.py",
+}
 SCRIPT, IMG = "<script>alert(1)</script>", "<img src=x onerror=alert(1)>"
-ODD = {"long": ("music " * 1000)[:5000], "emoji": "\U0001F600\U0001F389 music",
-       "rtl": "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 music",
-       "control": "music\x00\x07\x1b[31m city\u200b", "tags": f"{SCRIPT} {IMG} city"}
+ODD = {
+    "long": ("music " * 1000)[:5000],
+    "emoji": "\U0001f600\U0001f389 music",
+    "rtl": "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 music",
+    "control": "music\x00\x07\x1b[31m city\u200b",
+    "tags": f"{SCRIPT} {IMG} city",
+}
 BLANK = {"empty": "", "whitespace": "  \t\n ", "control-only": "\x00\x07\x1b"}
-MARKUP = ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success", "toast",
-          "html")
+MARKUP = ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success", "toast", "html")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,12 +103,17 @@ def broken_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hostile_corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hostile-corpus") / "hostile.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"id": SCRIPT, "title": SCRIPT, "text": f"{IMG} an opera in three acts by a composer"}),
-        "{broken",
-        json.dumps({"id": IMG, "title": IMG, "text": f"{SCRIPT} the opera house of the city"}),
-        json.dumps({"id": "plain", "title": "Carmen", "text": "Carmen is an opera by Georges Bizet."}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": SCRIPT, "title": SCRIPT, "text": f"{IMG} an opera in three acts by a composer"}),
+                "{broken",
+                json.dumps({"id": IMG, "title": IMG, "text": f"{SCRIPT} the opera house of the city"}),
+                json.dumps({"id": "plain", "title": "Carmen", "text": "Carmen is an opera by Georges Bizet."}),
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
@@ -154,6 +171,7 @@ def set_query(at: AppTest, text: str) -> AppTest:
 
 # ------------------------------------------------------------------------------------------------ core API
 
+
 @pytest.fixture(scope="module")
 def hostile_indexes(tiny_pair, hostile_corpus, tmp_path_factory):
     cache = ResultCache(tmp_path_factory.mktemp("core-cache"))
@@ -165,11 +183,11 @@ def hostile_indexes(tiny_pair, hostile_corpus, tmp_path_factory):
 def test_core_refuses_blank_queries_with_a_message(query, tiny_pair, hostile_corpus, hostile_indexes):
     cache, indexes = hostile_indexes
     encoder, index = tiny_pair.a, indexes["A"]
-    with pytest.raises(AttributionError, match="Type a query"):
+    with pytest.raises(QueryError, match="Type a query"):
         attribute_pair(encoder, query, "Paris", "Paris is a city.", IGSettings(2))
-    with pytest.raises(AttributionError, match="Type a query"):
+    with pytest.raises(QueryError, match="Type a query"):
         attribute_ranking(encoder, query, ["Paris"], ["Paris is a city."], [0], IGSettings(2))
-    with pytest.raises(AttributionError, match="Type a query"):
+    with pytest.raises(QueryError, match="Type a query"):
         attribute_queries(encoder, ["a city", query], np.ones((2, encoder.query.dim), np.float32), IGSettings(2))
     for analyse in (attribute_query, attribute_passage):
         with pytest.raises(QueryError, match="Type a query"):
@@ -244,6 +262,7 @@ def test_core_probing_refuses_unusable_corpora_and_settings(tiny_pair, hostile_c
 
 # ------------------------------------------------------------------------------------------------ pages
 
+
 @pytest.fixture(scope="module", params=["token", "neurons"])
 def query_page(request, pair_dirs):
     """One session per page, shared by the query tests in order: odd queries, then blank ones after a result."""
@@ -274,7 +293,7 @@ def test_page_shows_odd_queries_as_text(query_page, query):
             if query == ODD["long"]:
                 assert 'class="lens-tok-cut"' in block
             else:
-                assert not cleaned[len(shown):].strip("\u200b")
+                assert not cleaned[len(shown) :].strip("\u200b")
         assert any("reads at most" in w.value for w in at.warning) == (query == ODD["long"])
     else:
         assert f"Query: {html.escape(cleaned)}" in [caption.value for caption in at.caption]
@@ -291,8 +310,9 @@ def test_page_asks_for_a_query_and_drops_the_last_result(query_page, query):
 
 @pytest.mark.parametrize("page", ["token", "neurons"])
 def test_hostile_corpus_passages_render_as_text(page, pair_dirs, hostile_corpus_file, hostile_corpus):
-    at = open_page(page, pair_dirs, corpus_path=str(hostile_corpus_file),
-                   selected_passage=(hostile_corpus.fingerprint, 0))
+    at = open_page(
+        page, pair_dirs, corpus_path=str(hostile_corpus_file), selected_passage=(hostile_corpus.fingerprint, 0)
+    )
     assert any("line 2: not valid JSON" in text.value for text in at.text)
     if page == "token":
         at.number_input(key="token_ig_steps").set_value(2)
@@ -309,8 +329,13 @@ def test_hostile_corpus_passages_render_as_text(page, pair_dirs, hostile_corpus_
         assert visible_text(blocks[0]) == f"opera {IMG}"
     else:
         captions = [caption.value for caption in at.caption]
-        assert sum(f"Analysed passage: {html.escape(SCRIPT)}" in c or f"Target passage: {html.escape(SCRIPT)}" in c
-                   for c in captions) == 2
+        assert (
+            sum(
+                f"Analysed passage: {html.escape(SCRIPT)}" in c or f"Target passage: {html.escape(SCRIPT)}" in c
+                for c in captions
+            )
+            == 2
+        )
         assert f"Query: opera {html.escape(IMG)}" in captions
         at.radio(key="kn_tower").set_value("context").run()
         assert not at.exception and not at.error
@@ -351,10 +376,12 @@ def test_probing_page_with_a_hostile_corpus_and_query_file(pair_dirs, hostile_co
 @pytest.mark.parametrize("page", PAGES)
 def test_unloadable_pair_or_corpus_gives_one_clear_error(page, pair_dirs, broken_model_dir):
     at = open_page(page, pair_dirs, pair_key="paper")
-    variants = [({}, "no model hub is reachable"),
-                ({"pair_key": "custom", "custom_a": f"no-such-org/{IMG}"}, "no model hub is reachable"),
-                ({"custom_a": pair_dirs["custom_a"], "custom_b": str(broken_model_dir)}, "Could not load the model in"),
-                ({"custom_b": pair_dirs["custom_b"], "corpus_path": f"/no/such/{IMG}.jsonl"}, "does not exist")]
+    variants = [
+        ({}, "no model hub is reachable"),
+        ({"pair_key": "custom", "custom_a": f"no-such-org/{IMG}"}, "no model hub is reachable"),
+        ({"custom_a": pair_dirs["custom_a"], "custom_b": str(broken_model_dir)}, "Could not load the model in"),
+        ({"custom_b": pair_dirs["custom_b"], "corpus_path": f"/no/such/{IMG}.jsonl"}, "does not exist"),
+    ]
     for state, message in variants:
         for key, value in state.items():
             at.session_state[key] = value
@@ -397,8 +424,10 @@ def test_neuron_page_follows_threshold_steps_tower_and_pair(pair_dirs, tiny_pair
 
     def expected(tower: str, steps: int, threshold: float):
         analyse = attribute_query if tower == "query" else attribute_passage
-        attributions = {name: analyse(encoder, indexes[name], corpus, query, None, steps, cache).attribution
-                        for name, encoder in tiny_pair.models.items()}
+        attributions = {
+            name: analyse(encoder, indexes[name], corpus, query, None, steps, cache).attribution
+            for name, encoder in tiny_pair.models.items()
+        }
         counts = [str(value) for a in attributions.values() for value in a.strongly_activated(threshold).values()]
         return counts, completeness_table(attributions)
 

@@ -16,7 +16,7 @@ def test_index_search_matches_brute_force(tiny_encoder, wiki_slice, cache, tmp_p
     assert index.source == "built" and len(index) == len(wiki_slice)
     query = tiny_encoder.encode_queries(["the history of music"])
     scores, ids = index.search(query, 5)
-    brute = (index.embeddings @ query[0])
+    brute = index.embeddings @ query[0]
     np.testing.assert_array_equal(ids[0], np.argsort(-brute)[:5])
     np.testing.assert_allclose(scores[0], np.sort(brute)[::-1][:5], rtol=1e-5)
 

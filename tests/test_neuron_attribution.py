@@ -1,4 +1,5 @@
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -6,13 +7,24 @@ import pyarrow as pa
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
-from transformers import DistilBertConfig, DistilBertModel
+from transformers import AutoTokenizer, BertModel, DistilBertConfig, DistilBertModel
 
 import core.neuron_attribution as na
 from core.index import load_index
-from core.neuron_attribution import (NeuronAggregate, NeuronAttribution, above_threshold, aggregate_neurons,
-                                     aggregate_sample, attribute_neurons, attribute_neurons_per_layer,
-                                     attribute_passage, attribute_query, cached_aggregate, ffn_sites, site_sizes)
+from core.neuron_attribution import (
+    NeuronAggregate,
+    NeuronAttribution,
+    above_threshold,
+    aggregate_neurons,
+    aggregate_sample,
+    attribute_neurons,
+    attribute_neurons_per_layer,
+    attribute_passage,
+    attribute_query,
+    ffn_sites,
+    lookup_aggregate,
+    site_sizes,
+)
 from core.pair import ModelSpec, load_encoder
 from ui.neuron_views import attribution_heatmaps, binned_frame, png_bytes
 
@@ -42,8 +54,16 @@ def tiny_distilbert(tmp_path_factory, tiny_bert_dir):
             shutil.copy(tiny_bert_dir / name, directory / name)
     vocab_size = len((tiny_bert_dir / "vocab.txt").read_text().splitlines())
     torch.manual_seed(3)
-    config = DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=3, n_heads=2, hidden_dim=48,
-                              max_position_embeddings=128, dropout=0.0, attention_dropout=0.0)
+    config = DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=3,
+        n_heads=2,
+        hidden_dim=48,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     DistilBertModel(config).save_pretrained(directory)
     return load_encoder(ModelSpec("distil", str(directory), pooling="cls", normalize=False))
 
@@ -53,11 +73,13 @@ def _target(encoder, seed=0):
 
 
 def test_sites_are_the_ffn_down_projections(tiny_bert, tiny_dpr, tiny_distilbert):
-    assert [s.down for s in ffn_sites(tiny_bert.query)] == [l.output.dense for l in tiny_bert.query.model.encoder.layer]
+    bert_layers = tiny_bert.query.model.encoder.layer
+    assert [s.down for s in ffn_sites(tiny_bert.query)] == [layer.output.dense for layer in bert_layers]
     dpr_layers = tiny_dpr.context.model.ctx_encoder.bert_model.encoder.layer
-    assert [s.down for s in ffn_sites(tiny_dpr.context)] == [l.output.dense for l in dpr_layers]
+    assert [s.down for s in ffn_sites(tiny_dpr.context)] == [layer.output.dense for layer in dpr_layers]
     assert [s.down for s in ffn_sites(tiny_distilbert.query)] == [
-        l.ffn.lin2 for l in tiny_distilbert.query.model.transformer.layer]
+        layer.ffn.lin2 for layer in tiny_distilbert.query.model.transformer.layer
+    ]
     assert site_sizes(tiny_bert.query) == {"intermediate": 64, "output": 32}
     assert site_sizes(tiny_distilbert.query) == {"intermediate": 48, "output": 32}
 
@@ -78,8 +100,102 @@ def test_batched_equals_the_per_layer_loop_on_both_dpr_towers(tiny_dpr):
     passage = tiny_dpr.context.tokenize(["Carmen"], ["Carmen is an opera by Georges Bizet."])
     for tower, batch in ((tiny_dpr.query, query), (tiny_dpr.context, passage)):
         target = _target(tiny_dpr, seed=1)
-        assert_same_attributions(attribute_neurons(tower, batch, target, steps=5),
-                                 attribute_neurons_per_layer(tower, batch, target, steps=5))
+        assert_same_attributions(
+            attribute_neurons(tower, batch, target, steps=5), attribute_neurons_per_layer(tower, batch, target, steps=5)
+        )
+
+
+def _scale_output(module, args, output, alpha, captured):
+    # Detached: the gradient wanted is d s / d(alpha a), which only needs the graph above the site.
+    scaled = (output.detach() * alpha).requires_grad_()
+    captured.append((output.detach(), scaled))
+    return scaled
+
+
+def naive_knowledge_neurons(model, ffn_modules, batch, target, pooling, normalize, steps):
+    """Dai et al. by the definition, sharing no code with core: for each (layer, site, step k) one forward with
+    that one site scaled by alpha = k/m through a hook written here, one backward, and
+    Attr_i = sum over positions of a_i * mean over k=1..m of ds/d(alpha_k a_i); k = 0 gives the baseline score.
+
+    `ffn_modules[layer][site]` is the module whose output is the site's activation.
+    Returns (scores per site as (layers, neurons), baseline scores per site and layer, s(x)).
+    """
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    target = torch.as_tensor(target)
+
+    def score():
+        hidden = model(**inputs).last_hidden_state[0]  # one sequence, so no padding to leave out of the mean
+        pooled = hidden[0] if pooling == "cls" else hidden.mean(0)
+        return (pooled / pooled.norm() if normalize else pooled) @ target
+
+    with torch.no_grad():
+        clean_score = float(score())
+    scores, baselines = {}, {}
+    for modules in ffn_modules:
+        for site, module in modules.items():
+            gradient_sum = 0
+            for step in range(steps + 1):
+                captured = []
+                handle = module.register_forward_hook(partial(_scale_output, alpha=step / steps, captured=captured))
+                try:
+                    value = score()
+                finally:
+                    handle.remove()
+                assert len(captured) == 1
+                activation, scaled = captured[0]
+                if step == 0:
+                    baselines.setdefault(site, []).append(float(value.detach()))
+                else:
+                    gradient_sum = gradient_sum + torch.autograd.grad(value, scaled)[0]
+            scores.setdefault(site, []).append((activation * gradient_sum / steps)[0].sum(0).double().numpy())
+    return (
+        {site: np.stack(rows) for site, rows in scores.items()},
+        {site: np.array(values) for site, values in baselines.items()},
+        clean_score,
+    )
+
+
+@pytest.mark.parametrize(
+    "model, pooling, normalize", [("bert", "cls", False), ("bert", "mean", True), ("distilbert", "cls", False)]
+)
+def test_batched_equals_a_naive_reference_sharing_no_code(model, pooling, normalize, request, tiny_bert_dir):
+    """The per-layer loop shares `_RowScaler` with the batched code, so a hook bug would cancel out there."""
+    if model == "bert":
+        source = str(tiny_bert_dir)
+        encoder = load_encoder(ModelSpec("tiny", source, pooling=pooling, normalize=normalize))
+        plain = BertModel.from_pretrained(source).eval()
+        # "intermediate" is BertIntermediate's output (after the activation), "output" the FFN's dense
+        # before dropout, the residual add and LayerNorm.
+        ffn_modules = [
+            {"intermediate": layer.intermediate, "output": layer.output.dense} for layer in plain.encoder.layer
+        ]
+    else:
+        encoder = request.getfixturevalue("tiny_distilbert")
+        source = encoder.source
+        plain = DistilBertModel.from_pretrained(source).eval()
+        ffn_modules = [
+            {"intermediate": layer.ffn.activation, "output": layer.ffn.lin2} for layer in plain.transformer.layer
+        ]
+        assert len({id(modules["intermediate"]) for modules in ffn_modules}) == len(ffn_modules)  # not shared
+    assert (encoder.query.pooling, encoder.query.normalize) == (pooling, normalize)
+    batch = dict(
+        AutoTokenizer.from_pretrained(source)(["the opera composed by a french musician"], return_tensors="pt")
+    )
+    target = _target(encoder, seed=4)
+    reference, baselines, score = naive_knowledge_neurons(
+        plain, ffn_modules, batch, target, pooling, normalize, steps=7
+    )
+    # The default budget runs every row in one pass; a budget of a few rows splits them over many passes.
+    for budget in (na.MAX_TOKEN_LAYERS, 40):
+        result = attribute_neurons(encoder.query, batch, target, steps=7, max_token_layers=budget)
+        assert set(result.scores) == set(reference)
+        for site in na.SITES:
+            assert result.scores[site].shape == reference[site].shape
+            np.testing.assert_allclose(
+                result.scores[site], reference[site], rtol=1e-4, atol=1e-6 * np.abs(reference[site]).max()
+            )
+            np.testing.assert_allclose(result.baseline_scores[site], baselines[site], rtol=1e-5, atol=1e-7)
+        assert result.score == pytest.approx(score, rel=1e-5)
 
 
 def test_score_is_the_towers_own_score(tiny_dpr):
@@ -103,11 +219,14 @@ def test_completeness_is_reported_and_improves_with_steps(tiny_bert):
 
 
 def test_threshold_and_counts_on_a_hand_made_tensor():
-    intermediate = np.array([[1.0, 0.5, 0.09, -2.0],
-                             [0.11, 0.0, 0.2, 0.1]])
+    intermediate = np.array([[1.0, 0.5, 0.09, -2.0], [0.11, 0.0, 0.2, 0.1]])
     output = np.array([[-1.0, -0.5], [-0.1, -3.0]])
-    result = NeuronAttribution({"intermediate": intermediate, "output": output}, 1.0,
-                               {"intermediate": np.zeros(2), "output": np.zeros(2)}, steps=1)
+    result = NeuronAttribution(
+        {"intermediate": intermediate, "output": output},
+        1.0,
+        {"intermediate": np.zeros(2), "output": np.zeros(2)},
+        steps=1,
+    )
     above = result.above(0.1)
     np.testing.assert_array_equal(above["intermediate"], [[True, True, False, False], [True, False, True, False]])
     assert not above["output"].any()  # no positive attribution, so nothing is strongly activated
@@ -120,8 +239,9 @@ def test_threshold_and_counts_on_a_hand_made_tensor():
 def test_aggregate_counts_queries_per_neuron():
     first = np.array([[1.0, 0.0, 0.5], [0.0, 0.05, 0.0]])
     second = np.array([[0.0, 10.0, 0.0], [6.0, 0.0, 0.0]])
-    aggregate = NeuronAggregate(["q1", "q2"], [0, 1], {"intermediate": np.stack([first, second]),
-                                                         "output": np.stack([first, -second])}, steps=1)
+    aggregate = NeuronAggregate(
+        ["q1", "q2"], [0, 1], {"intermediate": np.stack([first, second]), "output": np.stack([first, -second])}, steps=1
+    )
     np.testing.assert_array_equal(aggregate.query_counts(0.1)["intermediate"], [[1, 1, 1], [1, 0, 0]])
     np.testing.assert_array_equal(aggregate.layer_counts(0.1)["intermediate"], [3, 1])
     np.testing.assert_array_equal(aggregate.layer_counts(0.1)["output"], [2, 0])
@@ -150,8 +270,9 @@ def test_query_attribution_targets_the_top1_and_is_cached(tiny_bert, wiki_slice,
     first = attribute_query(tiny_bert, index, wiki_slice, "  a city in france ", steps=3, cache=cache)
     _, top = index.search(tiny_bert.encode_queries(["a city in france"]), 1)
     assert first.passage == top[0, 0] and first.query == "a city in france"
-    assert first.attribution.score == pytest.approx(float(index.search(
-        tiny_bert.encode_queries(["a city in france"]), 1)[0][0, 0]), rel=1e-5)
+    assert first.attribution.score == pytest.approx(
+        float(index.search(tiny_bert.encode_queries(["a city in france"]), 1)[0][0, 0]), rel=1e-5
+    )
     monkeypatch.setattr(na, "attribute_neurons", lambda *a, **k: pytest.fail("recomputed a cached attribution"))
     again = attribute_query(tiny_bert, index, wiki_slice, "a city in france", steps=3, cache=cache)
     np.testing.assert_array_equal(again.attribution.scores["output"], first.attribution.scores["output"])
@@ -171,24 +292,25 @@ def test_aggregate_resumes_after_an_interruption(tiny_bert, wiki_slice, cache, t
     queries = aggregate_sample(wiki_slice, 4)
     assert [q.text for q in aggregate_sample(wiki_slice, 2)] == [q.text for q in queries[:2]]
     computed = []
-    real = na.attribute_neurons
+    real = na.attribute_neurons_batch
 
-    def counting(*args, **kwargs):
-        computed.append(1)
-        return real(*args, **kwargs)
+    def counting(tower, batch, *args, **kwargs):
+        computed.extend([1] * len(batch["input_ids"]))
+        return real(tower, batch, *args, **kwargs)
 
     def interrupt(done, total):
         if done == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(na, "attribute_neurons", counting)
+    monkeypatch.setattr(na, "attribute_neurons_batch", counting)
+    monkeypatch.setattr(na, "MIN_LENGTH_SHARE", 1.01)  # one query per bundle, so that the run stops after two
     with pytest.raises(KeyboardInterrupt):
         aggregate_neurons(tiny_bert, index, wiki_slice, queries, cache, steps=3, progress=interrupt)
-    assert len(computed) == 2 and cached_aggregate(tiny_bert, index, queries, 3, cache) is None
+    assert len(computed) == 2 and lookup_aggregate(tiny_bert, index, queries, 3, cache) is None
     aggregate = aggregate_neurons(tiny_bert, index, wiki_slice, queries, cache, steps=3)
     assert len(computed) == 4  # only the two missing queries were computed
     assert aggregate.scores["intermediate"].shape == (4, 2, 64)
-    assert cached_aggregate(tiny_bert, index, queries, 3, cache) is not None
+    assert lookup_aggregate(tiny_bert, index, queries, 3, cache) is not None
     single = attribute_query(tiny_bert, index, wiki_slice, queries[1].text, steps=3, cache=cache).attribution
     np.testing.assert_allclose(aggregate.scores["output"][1], single.scores["output"], rtol=1e-6)
 
@@ -200,12 +322,14 @@ def test_real_minilm_batched_equals_reference():
     batched = attribute_neurons(encoder.query, batch, target, steps=4)
     assert_same_attributions(batched, attribute_neurons_per_layer(encoder.query, batch, target, steps=4))
     assert batched.scores["intermediate"].shape == (6, 1536) and batched.scores["output"].shape == (6, 384)
-    assert batched.score == pytest.approx(float(encoder.encode_queries(["composer of the opera carmen"])[0] @ target),
-                                          rel=1e-5)
+    assert batched.score == pytest.approx(
+        float(encoder.encode_queries(["composer of the opera carmen"])[0] @ target), rel=1e-5
+    )
 
 
-def test_page_shows_heatmaps_escapes_the_query_and_computes_the_aggregate(tiny_bert_dir, tiny_dpr_dirs, tmp_path,
-                                                                          monkeypatch):
+def test_page_shows_heatmaps_escapes_the_query_and_computes_the_aggregate(
+    tiny_bert_dir, tiny_dpr_dirs, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=240)

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.pair import (PRESETS, ModelLoadError, ModelSpec, custom_pair, load_encoder, load_pair,
-                       weights_fingerprint)
+from core.pair import PRESETS, ModelLoadError, ModelSpec, custom_pair, load_encoder, load_pair, weights_fingerprint
 
 
 def test_bert_cls_encoder_scores_are_dot_products(tiny_bert_dir):
@@ -35,7 +34,9 @@ def test_dpr_towers_use_their_own_classes_and_pooler(tiny_dpr_dirs):
     q = encoder.encode_queries(["who wrote the opera"])
     p = encoder.encode_passages(["Carmen"], ["Carmen is an opera by Georges Bizet."])
     with torch.no_grad():
-        expected = encoder.context.model(**encoder.context.tokenize(["Carmen"], ["Carmen is an opera by Georges Bizet."])).pooler_output
+        expected = encoder.context.model(
+            **encoder.context.tokenize(["Carmen"], ["Carmen is an opera by Georges Bizet."])
+        ).pooler_output
     np.testing.assert_allclose(p[0], expected[0].numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(q[0], p[0])
 

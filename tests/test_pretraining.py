@@ -1,4 +1,5 @@
 """MLM pre-training of a mini-BERT and the fill-in-the-blank check on its MLM head."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,16 +8,27 @@ import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForPreTraining
 
 from core.cloze import ClozeError, fill_in_blank, has_mlm_head, load_cloze_model
 from core.pair import ModelSpec, load_encoder
-from core.pretraining import PretrainConfig, is_mlm_validation, pretrain_mlm, save_pretrained_model
+from core.pretraining import PretrainConfig, evaluate_mlm, is_mlm_validation, pretrain_mlm, save_pretrained_model
 from core.suppression import Neuron
+from tests.test_mini_paper import plain_top_words
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
-TINY = dict(vocab_size=800, layers=2, hidden=32, heads=2, intermediate=64, max_length=64, batch_size=8,
-            learning_rate=3e-3, eval_every=15, validation_percent=20)
+TINY = dict(
+    vocab_size=800,
+    layers=2,
+    hidden=32,
+    heads=2,
+    intermediate=64,
+    max_length=64,
+    batch_size=8,
+    learning_rate=3e-3,
+    eval_every=15,
+    validation_percent=20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +52,35 @@ def test_pretraining_lowers_the_held_out_mlm_loss(pretrained):
     assert [e["step"] for e in report.evaluations] == [15, 30]
     assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
     assert last["loss"] < np.log(TINY["vocab_size"])  # better than a uniform guess over the vocabulary
-    assert 0.0 <= first["accuracy"] <= 1.0 and last["masked_tokens"] > 0
+    assert first["masked_tokens"] == last["masked_tokens"] > 0  # the same fixed masked positions every time
+
+
+def test_held_out_loss_and_accuracy_weigh_every_masked_token_alike():
+    torch.manual_seed(0)
+    model = BertForPreTraining(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).eval()
+    batches, logits, labels = [], [], []
+    for rows, masked in ((2, 3), (3, 7)):  # unequal batches: a mean of batch means would be wrong
+        ids = torch.randint(5, 50, (rows, 8))
+        attention = torch.ones_like(ids)
+        attention[0, 6:] = 0
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=attention).prediction_logits
+        chosen = torch.randperm(rows * 6)[:masked]
+        row, column = chosen // 6, chosen % 6
+        batch_labels = torch.full_like(ids, -100)
+        batch_labels[row, column] = torch.randint(5, 50, (masked,))
+        batch_labels[row[:2], column[:2]] = full[row[:2], column[:2]].argmax(-1)  # at least two hits per batch
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": batch_labels})
+        logits.append(full[row, column])
+        labels.append(batch_labels[row, column])
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    result = evaluate_mlm(model, batches)
+    assert result["masked_tokens"] == 10
+    assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert result["accuracy"] >= 0.4
 
 
 def test_saved_model_loads_as_an_encoder_and_as_a_masked_lm(pretrained):
@@ -64,7 +104,11 @@ def test_fill_in_blank_ranks_words_and_changes_when_neurons_are_zeroed(pretraine
     predictions = fill_in_blank(cloze, "paris is the capital of ___ .", top_k=5)
     probabilities = [p.probability for p in predictions]
     assert len(predictions) == 5 and probabilities == sorted(probabilities, reverse=True)
-    assert 0 < sum(probabilities) <= 1 + 1e-6
+    plain = AutoModelForMaskedLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    words, expected = plain_top_words(plain, tokenizer, "paris is the capital of [MASK] .")
+    assert [p.word for p in predictions] == words
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
     every_neuron = [Neuron("intermediate", layer, index, 1.0) for layer in range(2) for index in range(64)]
     zeroed = fill_in_blank(cloze, "paris is the capital of [MASK] .", top_k=5, zeroed=every_neuron)
     assert [p.probability for p in zeroed] != probabilities

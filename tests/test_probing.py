@@ -1,3 +1,4 @@
+import re
 from functools import partial
 from pathlib import Path
 
@@ -5,12 +6,27 @@ import numpy as np
 import pytest
 import torch
 
+from core import probing
 from core.corpus import description_queries, split_indices
 from core.index import load_index
 from core.pair import ModelSpec, custom_pair, load_encoder, load_pair
-from core.probing import (KINDS, ProbeConfig, ProbeError, bm25_rankings, build_sample, cached_probing,
-                          candidate_matrix, dense_rankings, format_table, layer_features, pair_features,
-                          run_probing, train_probes, untrained_accuracy)
+from core.probing import (
+    KINDS,
+    ProbeConfig,
+    ProbeError,
+    bm25_rankings,
+    build_sample,
+    candidate_matrix,
+    dense_rankings,
+    format_table,
+    layer_features,
+    lookup_probing,
+    pair_features,
+    run_probing,
+    train_probes,
+    untrained_accuracy,
+)
+from core.runtime import model_scheduler
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -67,8 +83,9 @@ def test_layer_features_pool_each_layer_like_the_tower(tiny_bert_dir, tiny_dpr_d
     dpr = load_encoder(ModelSpec("dpr", str(question), str(context)))
     passages = layer_features(dpr.context, ["Carmen"], ["Carmen is an opera."])
     with torch.no_grad():
-        hidden = dpr.context.model(**dpr.context.tokenize(["Carmen"], ["Carmen is an opera."]),
-                                   output_hidden_states=True).hidden_states
+        hidden = dpr.context.model(
+            **dpr.context.tokenize(["Carmen"], ["Carmen is an opera."]), output_hidden_states=True
+        ).hidden_states
     np.testing.assert_allclose(passages[:, 0], torch.stack([h[0, 0] for h in hidden]).numpy(), atol=1e-5)
 
 
@@ -91,7 +108,9 @@ def test_hard_negatives_are_never_relevant_and_respect_the_split(source, wiki_sl
     sample = build_sample(wiki_slice, config, rank)
     train, held_out = split_indices(wiki_slice)
     relevant = {q.source_index: q.relevant for q in description_queries(wiki_slice, range(len(wiki_slice)))}
-    assert sample.train_count == 40 and len(sample.queries) == 40 + min(8, len(description_queries(wiki_slice, held_out)))
+    assert sample.train_count == 40 and len(sample.queries) == 40 + min(
+        8, len(description_queries(wiki_slice, held_out))
+    )
     for position, (positive, negatives) in enumerate(zip(sample.positives, sample.negatives)):
         assert len(negatives) == 3 == len(set(negatives))
         assert not set(negatives) & relevant[positive]  # neither the positive nor a same-description article
@@ -111,28 +130,34 @@ def test_probe_config_rejects_bad_settings():
         ProbeConfig(train_queries=2)
 
 
-def test_probing_runs_end_to_end_on_a_tiny_slice_and_is_cached(tiny_bert_dir, tiny_dpr_dirs, wiki_slice, cache,
-                                                               monkeypatch):
+def test_probing_runs_end_to_end_on_a_tiny_slice_and_is_cached(
+    tiny_bert_dir, tiny_dpr_dirs, wiki_slice, cache, monkeypatch
+):
     question, context = tiny_dpr_dirs
     pair = load_pair(custom_pair(str(tiny_bert_dir), str(question), str(context)))
     config = ProbeConfig(ns=(2, 3), train_queries=40, test_queries=10)
-    assert cached_probing(pair, wiki_slice, config, cache) is None
+    assert lookup_probing(pair, wiki_slice, config, cache) is None
     steps = []
     result = run_probing(pair, wiki_slice, config, cache, progress=lambda done, total: steps.append((done, total)))
     assert steps[-1][0] == steps[-1][1] and all(d <= t for d, t in steps)
     assert result.layers == {"A": 2, "B": 2}
-    assert result.towers["B"] == "separate query and context towers" and result.train_queries == 40
+    assert result.towers["B"] == "separate query and passage towers" and result.train_queries == 40
     assert len(result.rows) == 2 * 2 * 3 * len(KINDS)  # models x N x layers x kinds
-    assert all(0 <= row["accuracy"] <= 1 for row in result.rows)
+    assert result.test_queries == 10
+    for row in result.rows:  # a share of the 10 test queries; the untrained control's, of its 20 probes x 10
+        trials = 10 * (config.control_probes if row["kind"] == "untrained" else 1)
+        assert row["accuracy"] * trials == pytest.approx(round(row["accuracy"] * trials), abs=1e-6)
     for row in result.rows:
         if row["low"] is not None:
             assert row["low"] <= row["accuracy"] <= row["high"]
     table = format_table(result)
-    assert table.splitlines()[0].split()[-3:] == ["L0", "L1", "L2"] and len(table.splitlines()) == 2 + 2 * 2 * len(KINDS)
+    assert table.splitlines()[0].split()[-3:] == ["L0", "L1", "L2"] and len(table.splitlines()) == 2 + 2 * 2 * len(
+        KINDS
+    )
 
     monkeypatch.setattr("core.probing.layer_features", lambda *a, **k: pytest.fail("recomputed features"))
     assert run_probing(pair, wiki_slice, config, cache) == result
-    assert cached_probing(pair, wiki_slice, config, cache) == result
+    assert lookup_probing(pair, wiki_slice, config, cache) == result
     with pytest.raises(ProbeError, match="need that model's index"):
         run_probing(pair, wiki_slice, ProbeConfig(ns=(2,), train_queries=40, test_queries=10, negatives="A"), cache)
 
@@ -156,14 +181,37 @@ def test_page_runs_probing_and_shows_table_one(monkeypatch, tmp_path, tiny_bert_
     assert not at.exception and len(at.dataframe[0].value) == 2 * 2 * len(KINDS)
 
 
-def test_single_thread_fits_restore_the_thread_count():
-    from core.probing import single_thread
+def test_no_serving_module_changes_the_process_thread_count():
+    """torch.set_num_threads is process-wide: called while serving, it slows or races other sessions' work.
+    Only code that runs in a process of its own may set it: the CLI and the Ray actors."""
+    root = APP.parent
+    modules = [path for folder in ("core", "ui", "pages") for path in (root / folder).rglob("*.py")] + [APP]
+    assert root / "core" / "probing.py" in modules
+    own_process = {root / "core" / "cli.py", root / "core" / "distributed.py"}
+    offenders = [
+        str(path.relative_to(root))
+        for path in modules
+        if path not in own_process and re.search(r"set_num_(interop_)?threads", path.read_text())
+    ]
+    assert offenders == []
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with single_thread():
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+
+def test_probing_leaves_the_thread_count_alone(tiny_bert_dir, tiny_dpr_dirs, wiki_slice, cache, monkeypatch):
+    calls, seen_in_fits = [], []
+    for name in ("set_num_threads", "set_num_interop_threads"):
+        monkeypatch.setattr(torch, name, lambda count, name=name: calls.append((name, count)))
+    fit = probing._fit_weights
+    monkeypatch.setattr(
+        probing,
+        "_fit_weights",
+        lambda *args, **kwargs: seen_in_fits.append(torch.get_num_threads()) or fit(*args, **kwargs),
+    )
+    # Probes are fitted on the model worker, whose OpenMP thread count is its own.
+    worker_threads = model_scheduler().run(torch.get_num_threads)
+    threads = torch.get_num_threads()
+    question, context = tiny_dpr_dirs
+    pair = load_pair(custom_pair(str(tiny_bert_dir), str(question), str(context)))
+    run_probing(pair, wiki_slice, ProbeConfig(ns=(2,), train_queries=20, test_queries=5), cache)
+    assert calls == []
+    assert seen_in_fits and set(seen_in_fits) == {worker_threads}
+    assert model_scheduler().run(torch.get_num_threads) == worker_threads and torch.get_num_threads() == threads

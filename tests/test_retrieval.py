@@ -1,7 +1,6 @@
 import pytest
 
-from core.retrieval import (Hit, PreparedQuery, QueryError, Ranking, clean_query, compare_rankings,
-                            rank_biased_overlap)
+from core.retrieval import Hit, PreparedQuery, QueryError, Ranking, clean_query, compare_rankings, rank_biased_overlap
 
 
 def _ranking(indices):
@@ -10,7 +9,10 @@ def _ranking(indices):
 
 
 def test_clean_query_removes_control_characters_and_keeps_unicode():
-    assert clean_query("  \x00caf\u00e9\x07 \U0001F600 \u05e9\u05dc\u05d5\u05dd\x1b ") == "caf\u00e9  \U0001F600 \u05e9\u05dc\u05d5\u05dd"
+    assert (
+        clean_query("  \x00caf\u00e9\x07 \U0001f600 \u05e9\u05dc\u05d5\u05dd\x1b ")
+        == "caf\u00e9  \U0001f600 \u05e9\u05dc\u05d5\u05dd"
+    )
     assert clean_query(None) == ""
     assert clean_query(" \t\n ") == ""
 

@@ -1,7 +1,8 @@
 """Tables and Altair charts for the probing & evaluation page (pure builders: data in, frame/chart out)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import altair as alt
 import pandas as pd
@@ -9,8 +10,8 @@ import pandas as pd
 from core.corpus import Corpus
 from core.evaluation import DEPTH, Evaluation, QueryOutcome, paired_difference
 from core.probing import ProbeResult
+from ui.palette import model_colour
 
-MODEL_COLOURS = ("#e45756", "#4c78a8")  # A, B
 KIND_LABELS = {
     "probe": "linear probe",
     "passage only": "probe on the passage alone",
@@ -42,24 +43,37 @@ def probe_chart(result: ProbeResult, n: int, kinds: Sequence[str]) -> alt.Chart:
     frame["model"] = frame["model"].map(lambda name: f"{name}: {result.models[name]}")
     frame["kind"] = frame["kind"].map(KIND_LABELS)
     x = alt.X("layer:O", title="layer (0 = embeddings)", axis=alt.Axis(labelAngle=0))
-    models = [f"{name}: {label}" for name, label in result.models.items()]
-    color = _model_colour(models)
-    lines = alt.Chart(frame).mark_line(point=True).encode(
-        x=x, y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
-        color=color, strokeDash=alt.StrokeDash("kind:N", legend=alt.Legend(orient="bottom", direction="vertical",
-                                                                           labelLimit=400)),
-        tooltip=["model:N", "kind:N", "layer:O", alt.Tooltip("accuracy:Q", format=".3f"),
-                 alt.Tooltip("low:Q", format=".3f"), alt.Tooltip("high:Q", format=".3f")],
+    labels = {name: f"{name}: {label}" for name, label in result.models.items()}
+    color = model_colour(labels=labels)
+    lines = (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=x,
+            y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
+            color=color,
+            strokeDash=alt.StrokeDash(
+                "kind:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)
+            ),
+            tooltip=[
+                "model:N",
+                "kind:N",
+                "layer:O",
+                alt.Tooltip("accuracy:Q", format=".3f"),
+                alt.Tooltip("low:Q", format=".3f"),
+                alt.Tooltip("high:Q", format=".3f"),
+            ],
+        )
     )
-    bands = alt.Chart(frame.dropna(subset=["low"])).mark_area(opacity=0.12).encode(
-        x=x, y="low:Q", y2="high:Q", color=_model_colour(models, legend=False), detail="kind:N")
-    chance = alt.Chart(pd.DataFrame({"chance": [1 / n]})).mark_rule(color="gray", strokeDash=[2, 2]).encode(y="chance:Q")
+    bands = (
+        alt.Chart(frame.dropna(subset=["low"]))
+        .mark_area(opacity=0.12)
+        .encode(x=x, y="low:Q", y2="high:Q", color=model_colour(labels=labels, legend=None), detail="kind:N")
+    )
+    chance = (
+        alt.Chart(pd.DataFrame({"chance": [1 / n]})).mark_rule(color="gray", strokeDash=[2, 2]).encode(y="chance:Q")
+    )
     return (bands + lines + chance).properties(title=f"N = {n} candidates (chance = {1 / n:.2f})", height=360)
-
-
-def _model_colour(models: Sequence[str], legend: bool = True) -> alt.Color:
-    return alt.Color("model:N", scale=alt.Scale(domain=list(models), range=list(MODEL_COLOURS)),
-                     legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400) if legend else None)
 
 
 def metrics_table(evaluations: dict[str, Evaluation]) -> pd.DataFrame:
@@ -79,32 +93,56 @@ def metrics_table(evaluations: dict[str, Evaluation]) -> pd.DataFrame:
 
 
 def metrics_chart(evaluations: dict[str, Evaluation], labels: dict[str, str]) -> alt.Chart:
-    rows = [{"metric": metric, "model": f"{name}: {labels[name]}", "mean": evaluation.means[metric],
-             "low": evaluation.intervals[metric][0], "high": evaluation.intervals[metric][1]}
-            for name, evaluation in evaluations.items() for metric in evaluation.means]
+    rows = [
+        {
+            "metric": metric,
+            "model": f"{name}: {labels[name]}",
+            "mean": evaluation.means[metric],
+            "low": evaluation.intervals[metric][0],
+            "high": evaluation.intervals[metric][1],
+        }
+        for name, evaluation in evaluations.items()
+        for metric in evaluation.means
+    ]
     frame = pd.DataFrame(rows)
     base = alt.Chart(frame).encode(
         x=alt.X("model:N", title=None, axis=alt.Axis(labels=False, ticks=False)),
-        color=_model_colour([f"{name}: {labels[name]}" for name in evaluations]))
-    bars = base.mark_bar().encode(y=alt.Y("mean:Q", title="mean over queries", scale=alt.Scale(domain=[0, 1])),
-                                  tooltip=["metric:N", "model:N", alt.Tooltip("mean:Q", format=".3f"),
-                                           alt.Tooltip("low:Q", format=".3f"), alt.Tooltip("high:Q", format=".3f")])
+        color=model_colour(labels={name: f"{name}: {labels[name]}" for name in evaluations}),
+    )
+    bars = base.mark_bar().encode(
+        y=alt.Y("mean:Q", title="mean over queries", scale=alt.Scale(domain=[0, 1])),
+        tooltip=[
+            "metric:N",
+            "model:N",
+            alt.Tooltip("mean:Q", format=".3f"),
+            alt.Tooltip("low:Q", format=".3f"),
+            alt.Tooltip("high:Q", format=".3f"),
+        ],
+    )
     errors = base.mark_rule(color="black").encode(y="low:Q", y2="high:Q")
-    return (bars + errors).properties(width=90, height=240).facet(
-        column=alt.Column("metric:N", sort=list(evaluations["A"].means), title=None))
+    return (
+        (bars + errors)
+        .properties(width=90, height=240)
+        .facet(column=alt.Column("metric:N", sort=list(evaluations["A"].means), title=None))
+    )
 
 
 def outcomes_frame(outcomes: Sequence[QueryOutcome], corpus: Corpus) -> pd.DataFrame:
     """One row per query; ranks beyond the evaluated depth are empty."""
-    return pd.DataFrame([{
-        "query": o.query,
-        "gold": corpus.titles[o.gold[0]] or corpus.ids[o.gold[0]],
-        "also relevant": len(o.gold) - 1,
-        "rank A": o.rank_a,
-        "rank B": o.rank_b,
-        "outcome": o.outcome,
-        "position": o.position,
-    } for o in outcomes]).astype({"rank A": "Int64", "rank B": "Int64"})
+    return pd.DataFrame(
+        [
+            {
+                "query": o.query,
+                "gold": corpus.titles[o.gold[0]] or corpus.ids[o.gold[0]],
+                "also relevant": len(o.gold) - 1,
+                "rank A": o.rank_a,
+                "rank B": o.rank_b,
+                "outcome": o.outcome,
+                "position": o.position,
+            }
+            for o in outcomes
+        ]
+    ).astype({"rank A": "Int64", "rank B": "Int64"})
 
 
 def rank_note() -> str:

@@ -1,4 +1,5 @@
 """HTML rendering helpers. Every piece of user or corpus text is escaped here before display."""
+
 from __future__ import annotations
 
 import html

@@ -1,4 +1,5 @@
 """Views of token attributions: colored token HTML (escaped), legend, word clouds, deletion chart, downloads."""
+
 from __future__ import annotations
 
 import io
@@ -11,10 +12,11 @@ import streamlit as st
 
 from core.corpus import Corpus
 from core.token_attribution import DELTA_TOLERANCE, DeletionCurve, IGSettings, RankingAttribution, TokenAttribution
+from ui.palette import model_colour
 from ui.render import escape
 
-POSITIVE_RGB = (33, 102, 172)   # blue end of ColorBrewer RdBu
-NEGATIVE_RGB = (178, 24, 43)    # red end of ColorBrewer RdBu
+POSITIVE_RGB = (33, 102, 172)  # blue end of ColorBrewer RdBu
+NEGATIVE_RGB = (178, 24, 43)  # red end of ColorBrewer RdBu
 STYLE = """
 <style>
 .lens-tokens {line-height: 1.9; font-size: 0.95rem;}
@@ -47,29 +49,35 @@ def tokens_html(attribution: TokenAttribution) -> str:
         tokens = [t for t in attribution.tokens if t.segment == segment]
         pieces, cursor = [], 0
         for token in tokens:
-            pieces.append(escape(text[cursor:token.start]))
+            pieces.append(escape(text[cursor : token.start]))
             pieces.append(
                 f'<span class="lens-tok" style="background:{background(token.score, scale)}" '
-                f'title="{escape(token.text)}: {token.score:+.4f}">{escape(text[token.start:token.end])}</span>'
+                f'title="{escape(token.text)}: {token.score:+.4f}">{escape(text[token.start : token.end])}</span>'
             )
             cursor = token.end
         is_title = len(attribution.segments) == 2 and segment == 0
         parts.append(f'<div class="{"lens-tok-title" if is_title else "lens-tok-text"}">{"".join(pieces)}</div>')
     if attribution.truncated:
-        parts.append('<div class="lens-tok-cut">… the rest is beyond the model\'s maximum length and was not read.</div>')
+        parts.append(
+            '<div class="lens-tok-cut">… the rest is beyond the model\'s maximum length and was not read.</div>'
+        )
     return f'<div class="lens-tokens">{"".join(parts)}</div>'
 
 
 def legend_html() -> str:
-    return ('<div class="lens-legend"><span>negative</span><span class="lens-legend-bar"></span>'
-            '<span>positive</span><span>· colors scaled to each text\'s largest |attribution|; '
-            'hover a token for its value</span></div>')
+    return (
+        '<div class="lens-legend"><span>negative</span><span class="lens-legend-bar"></span>'
+        "<span>positive</span><span>· colors scaled to each text's largest |attribution|; "
+        "hover a token for its value</span></div>"
+    )
 
 
 def completeness_text(attribution: TokenAttribution) -> str:
-    return (f"s(x) = {attribution.score:.4f}, s(baseline) = {attribution.baseline_score:.4f}, "
-            f"Σ attributions = {attribution.total:.4f}, completeness δ = {attribution.delta:.2e} "
-            f"({attribution.relative_delta:.2%} of |s(x) − s(baseline)|) with {attribution.quadrature.describe()}")
+    return (
+        f"s(x) = {attribution.score:.4f}, s(baseline) = {attribution.baseline_score:.4f}, "
+        f"Σ attributions = {attribution.total:.4f}, completeness δ = {attribution.delta:.2e} "
+        f"({attribution.relative_delta:.2%} of |s(x) − s(baseline)|) with {attribution.quadrature.describe()}"
+    )
 
 
 def steps_text(ranking: RankingAttribution, settings: IGSettings) -> str:
@@ -78,17 +86,21 @@ def steps_text(ranking: RankingAttribution, settings: IGSettings) -> str:
     if len(settings.passes) == 1:
         return f"Passages: {settings.method}, {settings.passes[0].describe()}; largest relative δ {worst:.2%}."
     first, full = settings.passes
-    return (f"Passages: {settings.method}, {first.describe()}, re-run with {full.describe()} when δ was above "
-            f"{DELTA_TOLERANCE:.0%}: {ranking.passage_rules().get(full, 0)} of {len(ranking.pairs)} re-run; "
-            f"largest relative δ {worst:.2%}.")
+    return (
+        f"Passages: {settings.method}, {first.describe()}, re-run with {full.describe()} when δ was above "
+        f"{DELTA_TOLERANCE:.0%}: {ranking.passage_rules().get(full, 0)} of {len(ranking.pairs)} re-run; "
+        f"largest relative δ {worst:.2%}."
+    )
 
 
 def show_completeness(attribution: TokenAttribution) -> None:
     if attribution.within_tolerance:
         st.caption(completeness_text(attribution))
     else:
-        st.warning(f"{completeness_text(attribution)}: above the {DELTA_TOLERANCE:.0%} tolerance; "
-                   "raise the number of IG steps.")
+        st.warning(
+            f"{completeness_text(attribution)}: above the {DELTA_TOLERANCE:.0%} tolerance; "
+            "raise the number of IG steps."
+        )
 
 
 def show_tokens(attribution: TokenAttribution) -> None:
@@ -99,8 +111,15 @@ def show_tokens(attribution: TokenAttribution) -> None:
 def render_cloud_png(weights: dict[str, float], colormap: str) -> bytes:
     from wordcloud import WordCloud
 
-    cloud = WordCloud(width=480, height=300, background_color="white", colormap=colormap,
-                      prefer_horizontal=0.95, random_state=0, collocations=False)
+    cloud = WordCloud(
+        width=480,
+        height=300,
+        background_color="white",
+        colormap=colormap,
+        prefer_horizontal=0.95,
+        random_state=0,
+        collocations=False,
+    )
     buffer = io.BytesIO()
     cloud.generate_from_frequencies(weights).to_image().save(buffer, format="PNG")
     return buffer.getvalue()
@@ -112,24 +131,43 @@ cloud_png = st.cache_data(show_spinner=False, max_entries=64)(render_cloud_png)
 def deletion_chart(curves: dict[str, DeletionCurve]) -> alt.Chart:
     rows = []
     for model, curve in curves.items():
-        for order, scores in (("top attributed first", curve.attribution_order),
-                              (f"random (mean of {curve.random_orders})", curve.random_order)):
-            rows += [{"model": model, "tokens removed": k, "score": s, "order": order}
-                     for k, s in zip(curve.ks, scores)]
-    return alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
-        x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
-        y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
-        color=alt.Color("model:N", scale=alt.Scale(scheme="category10")),
-        strokeDash=alt.StrokeDash("order:N"),
-        tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
-    ).properties(height=300)
+        for order, scores in (
+            ("top attributed first", curve.attribution_order),
+            (f"random (mean of {curve.random_orders})", curve.random_order),
+        ):
+            rows += [
+                {"model": model, "tokens removed": k, "score": s, "order": order} for k, s in zip(curve.ks, scores)
+            ]
+    return (
+        alt.Chart(pd.DataFrame(rows))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
+            color=model_colour(legend=alt.Legend()),
+            strokeDash=alt.StrokeDash(
+                "order:N", legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400)
+            ),
+            tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
+        )
+        .properties(height=300)
+    )
 
 
 def _token_rows(attribution: TokenAttribution, **labels) -> list[dict]:
-    return [dict(labels, position=n, token=t.text, segment=t.segment,
-                 surface="" if t.special else attribution.segments[t.segment][t.start:t.end], attribution=t.score,
-                 n_steps=attribution.n_steps, quadrature=attribution.quadrature.describe())
-            for n, t in enumerate(attribution.tokens)]
+    return [
+        dict(
+            labels,
+            position=n,
+            token=t.text,
+            segment=t.segment,
+            surface="" if t.special else attribution.segments[t.segment][t.start : t.end],
+            attribution=t.score,
+            n_steps=attribution.n_steps,
+            quadrature=attribution.quadrature.describe(),
+        )
+        for n, t in enumerate(attribution.tokens)
+    ]
 
 
 def attribution_frame(ranking: RankingAttribution, corpus: Corpus) -> pd.DataFrame:
@@ -143,17 +181,35 @@ def attribution_frame(ranking: RankingAttribution, corpus: Corpus) -> pd.DataFra
 
 def _summary(attribution: TokenAttribution) -> dict:
     relative = attribution.relative_delta
-    return {"score": attribution.score, "baseline_score": attribution.baseline_score, "delta": attribution.delta,
-            "relative_delta": relative if math.isfinite(relative) else None, "n_steps": attribution.n_steps,
-            "quadrature": attribution.quadrature.describe(),
-            "truncated": attribution.truncated,
-            "tokens": [{"token": t.text, "attribution": t.score} for t in attribution.tokens]}
+    return {
+        "score": attribution.score,
+        "baseline_score": attribution.baseline_score,
+        "delta": attribution.delta,
+        "relative_delta": relative if math.isfinite(relative) else None,
+        "n_steps": attribution.n_steps,
+        "quadrature": attribution.quadrature.describe(),
+        "truncated": attribution.truncated,
+        "tokens": [{"token": t.text, "attribution": t.score} for t in attribution.tokens],
+    }
 
 
 def attribution_json(ranking: RankingAttribution, corpus: Corpus, model: str, settings: dict) -> str:
-    return json.dumps({
-        "model": model, "settings": settings, "query_total": _summary(ranking.query_total),
-        "passages": [{"rank": rank, "id": corpus.ids[index], "title": corpus.titles[index],
-                      "query": _summary(pair.query), "passage": _summary(pair.passage)}
-                     for rank, (index, pair) in enumerate(zip(ranking.passage_indices, ranking.pairs), start=1)],
-    }, indent=1, ensure_ascii=False)
+    return json.dumps(
+        {
+            "model": model,
+            "settings": settings,
+            "query_total": _summary(ranking.query_total),
+            "passages": [
+                {
+                    "rank": rank,
+                    "id": corpus.ids[index],
+                    "title": corpus.titles[index],
+                    "query": _summary(pair.query),
+                    "passage": _summary(pair.passage),
+                }
+                for rank, (index, pair) in enumerate(zip(ranking.passage_indices, ranking.pairs), start=1)
+            ],
+        },
+        indent=1,
+        ensure_ascii=False,
+    )

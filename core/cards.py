@@ -1,0 +1,123 @@
+"""Model cards (README.md next to the weights) filled from core/templates/ with the run's measured values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+
+from .corpus import HELD_OUT_PERCENT
+from .evaluation import Evaluation
+from .index import PASSAGE_MAX_LENGTH
+from .pair import LENS_CONFIG
+from .pretraining import PretrainConfig, PretrainReport
+from .training import TrainConfig, TrainReport
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+LOSS_WINDOW = 20  # steps averaged for the loss at the start and at the end of training
+
+
+def fill(template: str, **values: object) -> str:
+    """The template with every ${name} replaced; a name without a value is an error, not a blank."""
+    return Template((TEMPLATES / template).read_text()).substitute(values)
+
+
+def metric_row(evaluation: Evaluation, names=("R@1", "R@10", "nDCG@10")) -> str:
+    cells = []
+    for name in names:
+        low, high = evaluation.intervals[name]
+        cells.append(f"{evaluation.means[name]:.3f} [{low:.3f}, {high:.3f}]")
+    return " | ".join(cells)
+
+
+def _storage(save_fp16: bool) -> str:
+    return "float16 safetensors" if save_fp16 else "float32 safetensors"
+
+
+def dpr_twin_card(
+    output: Path,
+    command: str,
+    config: TrainConfig,
+    report: TrainReport,
+    base_eval: Evaluation,
+    twin_eval: Evaluation,
+    corpus_size: int,
+) -> str:
+    base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
+    lens = json.loads((output / LENS_CONFIG).read_text())
+    similarity = (
+        f"scaled cosine similarities (scale {config.scale})"
+        if lens["normalize"]
+        else "dot products (no normalisation, as in DPR)"
+    )
+    first, last = report.losses[:LOSS_WINDOW], report.losses[-LOSS_WINDOW:]
+    return fill(
+        "dpr_twin_card.md",
+        name=output.name,
+        base=base,
+        command=command,
+        pooling=lens["pooling"],
+        similarity=similarity,
+        learning_rate=config.learning_rate,
+        warmup=f"{config.warmup_fraction:.0%}",
+        batch_size=config.batch_size,
+        query_max_length=config.query_max_length,
+        passage_max_length=config.passage_max_length,
+        steps=report.steps,
+        epochs=f"{report.steps * config.batch_size / report.train_pairs:.2f}",
+        seed=config.seed,
+        corpus_size=corpus_size,
+        held_out_percent=HELD_OUT_PERCENT,
+        train_pairs=report.train_pairs,
+        held_out_articles=report.held_out_articles,
+        minutes=f"{report.seconds / 60:.1f}",
+        hardware=report.hardware,
+        loss_window=LOSS_WINDOW,
+        loss_start=f"{sum(first) / max(1, len(first)):.3f}",
+        loss_end=f"{sum(last) / max(1, len(last)):.3f}",
+        storage=_storage(config.save_fp16),
+        queries=base_eval.queries,
+        index_max_length=PASSAGE_MAX_LENGTH,
+        before_row=metric_row(base_eval),
+        after_row=metric_row(twin_eval),
+    )
+
+
+def mlm_card(
+    command: str, config: PretrainConfig, report: PretrainReport, evaluations: dict[str, Evaluation], corpus_size: int
+) -> str:
+    final = report.evaluations[-1]
+    curve = "\n".join(
+        f"| {e['step']} | {e['minutes']} | {e['loss']:.3f} | {e['accuracy']:.3f} |" for e in report.evaluations
+    )
+    rows = "\n".join(f"| {pooling} | {metric_row(evaluation)} |" for pooling, evaluation in evaluations.items())
+    return fill(
+        "mlm_card.md",
+        layers=config.layers,
+        hidden=config.hidden,
+        heads=config.heads,
+        intermediate=config.intermediate,
+        vocab_size=config.vocab_size,
+        command=command,
+        corpus_size=corpus_size,
+        max_length=config.max_length,
+        train_windows=report.train_windows,
+        train_articles=report.train_articles,
+        validation_articles=report.validation_articles,
+        validation_percent=config.validation_percent,
+        mask_percent=f"{config.mask_probability:.0%}",
+        learning_rate=config.learning_rate,
+        warmup=f"{config.warmup_fraction:.0%}",
+        batch_size=config.batch_size,
+        steps=report.steps,
+        epochs=f"{report.steps * config.batch_size / report.train_windows:.1f}",
+        seed=config.seed,
+        minutes=f"{report.seconds / 60:.1f}",
+        hardware=report.hardware,
+        storage=_storage(config.save_fp16),
+        final_loss=f"{final['loss']:.3f}",
+        final_accuracy=f"{final['accuracy']:.3f}",
+        masked_tokens=final["masked_tokens"],
+        curve=curve,
+        rows=rows,
+    )
