@@ -1,0 +1,222 @@
+"""Scale: passage encoding in one process vs Ray workers, and the IVF index choice vs flat at 1M vectors.
+
+    python -m bench.scale             # writes bench/results_scale.md
+    python -m bench.scale --quick     # shrunk sizes: checks that it runs (not results)
+    python -m bench.scale --part ivf  # one part: ivf or encode
+
+The vectors are synthetic with cluster structure like real embeddings: 768-d, 4096 cluster centres, each
+vector a centre plus noise in a 64-d subspace plus a little isotropic noise, normalised; queries are new draws
+from the same mixture. Resident memory is measured in a fresh process that opens the saved index (memory-mapped)
+and answers the queries, minus the same process without the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from bench.harness import Results, Row, child_peak_rss_mib, measure, parse_args, side_by_side, sized
+from core.ivf import auto_nlist, recall_at_k, train_ivf
+from core.shards import ShardedEmbeddings
+
+NAME, TITLE = "scale", "Scale benchmark: sharded encoding and the IVF index"
+DIM, CENTRES, LATENT = 768, 4096, 64
+NPROBES = (16, 32, 64, 128)
+
+
+def synthetic(rows: int, seed: int, dim: int = DIM, block: int = 131_072) -> np.ndarray:
+    """Clustered unit vectors; the same seed gives the same mixture (centres, subspace), new draws per seed."""
+    mixture = np.random.default_rng(12345)
+    centres = mixture.standard_normal((CENTRES, dim)).astype(np.float32)
+    basis = mixture.standard_normal((LATENT, dim)).astype(np.float32) / np.sqrt(LATENT)
+    draws = np.random.default_rng(seed)
+    out = np.empty((rows, dim), dtype=np.float32)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        chunk = centres[draws.integers(0, CENTRES, n)]
+        chunk += 1.2 * draws.standard_normal((n, LATENT), dtype=np.float32) @ basis
+        chunk += 0.15 * draws.standard_normal((n, dim), dtype=np.float32)
+        out[start : start + n] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+def _served_rss(index_path: Path, shard_paths: list[Path], queries_path: Path, nprobe: int, rerank: int) -> float:
+    """MiB a fresh process holds after opening the index memory-mapped and searching, above its imports."""
+    setup = "import faiss, numpy as np\nfrom core.ivf import IVFIndex\nfrom core.shards import ShardedEmbeddings\n"
+    work = (
+        f"queries = np.load({str(queries_path)!r})\n"
+        f"index = faiss.read_index({str(index_path)!r}, faiss.IO_FLAG_MMAP)\n"
+        f"embeddings = ShardedEmbeddings([np.load(p, mmap_mode='r') for p in {[str(p) for p in shard_paths]!r}])\n"
+        f"IVFIndex(index, embeddings, {{}}, {nprobe}, {rerank}).search(queries, 10)\n"
+    )
+    return child_peak_rss_mib(setup + work) - child_peak_rss_mib(setup + f"np.load({str(queries_path)!r})\n")
+
+
+def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], str]:
+    from core.ivf import IVFIndex
+
+    base = synthetic(rows, seed=0)
+    queries = synthetic(queries_count, seed=1)
+    shard_paths = []
+    for number, start in enumerate(range(0, rows, 262_144)):
+        shard_paths.append(workdir / f"shard-{number}.npy")
+        np.save(shard_paths[-1], base[start : start + 262_144])
+    queries_path = workdir / "queries.npy"
+    np.save(queries_path, queries)
+    embeddings = ShardedEmbeddings([np.load(p, mmap_mode="r") for p in shard_paths])
+
+    flat_build = measure(lambda: _flat(base))
+    flat = flat_build.value
+    exact = measure(flat.search, queries, 10)
+    truth = exact.value[1]
+    flat_ms = exact.min / queries_count * 1000
+    flat.reset()  # frees its 3 GB before the IVF indexes are built
+    out = [
+        Row(f"flat (exact), {rows:,} x {DIM}: build", flat_build.min, "s", note="IndexFlatIP.add"),
+        Row("flat: latency per query (batch of queries)", flat_ms, "ms"),
+        Row("flat: index size", rows * DIM * 4 / 2**20, "MiB", note="all float32 vectors resident"),
+    ]
+    nlist = auto_nlist(rows)
+    sample = base[np.random.default_rng(0).choice(rows, min(rows, 64 * nlist), replace=False)]
+    curves = []
+    for kind, factory in (("IVF-PQ64", f"IVF{nlist},PQ64"), ("IVF-SQ8", f"IVF{nlist},SQ8")):
+        trained = measure(train_ivf, sample, factory)
+        index = trained.value
+        added = measure(lambda index=index: [index.add(np.ascontiguousarray(a)) for a in embeddings.arrays])
+        path = workdir / f"{kind}.index"
+        faiss.write_index(index, str(path))
+        index.reset()
+        served = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        out.append(
+            Row(
+                f"{kind} (nlist {nlist}): build",
+                trained.min + added.min,
+                "s",
+                baseline=flat_build.min,
+                note=f"train {trained.min:.0f} s on {len(sample):,} + add {added.min:.0f} s",
+            )
+        )
+        out.append(Row(f"{kind}: index on disk", path.stat().st_size / 2**20, "MiB", baseline=rows * DIM * 4 / 2**20))
+        for rerank in (0, 100):
+            for nprobe in NPROBES:
+                searcher = IVFIndex(served, embeddings, {}, nprobe, rerank)
+                timing = measure(lambda searcher=searcher: searcher.search(queries, 10)[1])
+                recall = recall_at_k(timing.value, truth)
+                curves.append(
+                    f"| {kind} | {nprobe} | {rerank} | {recall:.3f} | {timing.min / queries_count * 1000:.2f} |"
+                )
+                if nprobe == 64:
+                    rss = _served_rss(path, shard_paths if rerank else [], queries_path, nprobe, rerank)
+                    label = f"{kind}{' + exact re-rank of 100' if rerank else ''}, nprobe 64"
+                    out.append(Row(f"{label}: recall@10 vs flat", recall, "", note=f"{queries_count} queries"))
+                    out.append(
+                        Row(f"{label}: latency per query", timing.min / queries_count * 1000, "ms", baseline=flat_ms)
+                    )
+                    out.append(
+                        Row(
+                            f"{label}: resident memory when served",
+                            rss,
+                            "MiB",
+                            baseline=rows * DIM * 4 / 2**20,
+                            note="fresh process, mmap index, above its imports",
+                        )
+                    )
+    table = "| index | nprobe | re-rank | recall@10 | ms/query |\n|---|---|---|---|---|\n" + "\n".join(curves)
+    return out, table
+
+
+def _flat(base: np.ndarray) -> faiss.Index:
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    return index
+
+
+def encode_rows_bench(passages: int, workdir: Path) -> list[Row]:
+    """The offline pair's model A over the bundled corpus's first passages: one process vs 2 Ray workers."""
+    import ray
+
+    from core.corpus import load_wiki
+    from core.corpus_stream import scan_corpus
+    from core.distributed import encode_shards_ray
+    from core.pair import load_pair
+    from core.shards import build_shards, plan_shards, shard_params
+
+    corpus = load_wiki(limit=passages)
+    path = workdir / "psgs.tsv"
+    write_tsv(path, corpus)
+    scan = scan_corpus(path)
+    pair = load_pair("offline")
+    encoder, spec = pair.a, pair.spec.a
+    params = shard_params(encoder, scan)
+    shards = plan_shards(scan.rows, 8)
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        timings = side_by_side(
+            {
+                "one process": lambda: build_shards(encoder, scan, Path(tempfile.mkdtemp(dir=workdir)), 8),
+                "ray, 2 workers": lambda: encode_shards_ray(
+                    spec, params, scan, Path(tempfile.mkdtemp(dir=workdir)), shards, workers=2
+                ),
+            }
+        )
+    finally:
+        ray.shutdown()
+    single, distributed = timings["one process"].min, timings["ray, 2 workers"].min
+    return [
+        Row(
+            f"encode {passages} passages in 8 shards (model A, CPU)",
+            distributed,
+            "s",
+            baseline=single,
+            note=f"ours = Ray, 2 actors x 1 thread (incl. actor start and model load): {passages / distributed:.1f}"
+            f" passages/s; baseline = one process, {os.cpu_count()} threads: {passages / single:.1f} "
+            f"passages/s, {single / passages * 1000:.0f} ms/passage",
+        )
+    ]
+
+
+def write_tsv(path: Path, corpus) -> None:
+    """DPR's psgs_w100.tsv layout: a header, then id, text (csv-quoted), title."""
+    import csv
+
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "text", "title"])
+        for passage_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
+            writer.writerow([passage_id, text.replace("\n", " "), title])
+
+
+def run(part: str = "all") -> tuple[list[Row], str]:
+    """The rows, and the recall/latency curve against nprobe as a Markdown table ("" without the IVF part)."""
+    rows, curve = [], ""
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = Path(directory)
+        if part in ("all", "encode"):
+            rows += encode_rows_bench(sized(512, 32), workdir)
+        if part in ("all", "ivf"):
+            ivf, curve = ivf_rows(sized(1_000_000, 20_000), sized(1000, 50), workdir)
+            rows += ivf
+    return rows, curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=("all", "ivf", "encode"), default="all")
+    args = parse_args(parser)
+    results = Results(NAME, TITLE)
+    started = time.perf_counter()
+    rows, curve = run(args.part)
+    description = __doc__.split("\n\n", 2)[2] + f"\n\nTotal {time.perf_counter() - started:.0f} s."
+    if curve:
+        description += "\n\nRecall@10 and latency against nprobe (same run):\n\n" + curve
+    results.report({"all": "Speed", "ivf": "IVF vs flat", "encode": "Encoding"}[args.part], rows, description)
+
+
+if __name__ == "__main__":
+    main()
