@@ -96,11 +96,11 @@ class Reference:
 
     def __init__(self, directory):
         from core.cache import ResultCache
-        from core.corpus import load_wiki
+        from core.corpus import load_corpus
         from core.pair import load_pair
 
         self.pair = load_pair("offline")
-        self.corpus = load_wiki().head(LIMIT)  # as ui.state builds it with DPR_LENS_CORPUS_LIMIT
+        self.corpus = load_corpus(None, LIMIT)  # as ui.state builds it with DPR_LENS_CORPUS_LIMIT
         self.cache = ResultCache(directory)
 
     @cached_property
