@@ -23,7 +23,13 @@ import torch
 from .attribution import AttributionError
 from .attribution.deletion import DeletionCurve
 from .attribution.deletion import deletion_curve as _deletion_curve
-from .attribution.integrated_gradients import Progress, attribute_adaptively, encode_inputs, pad_baseline
+from .attribution.integrated_gradients import (
+    Progress,
+    attribute_adaptively,
+    encode_inputs,
+    pad_baseline,
+    require_queries,
+)
 from .attribution.quadrature import METHODS, Quadrature, SinhSubstitution
 from .attribution.results import (
     DELTA_TOLERANCE,
@@ -40,7 +46,6 @@ from .cache import Analysis, ResultCache, cache_key
 from .corpus import Corpus
 from .index import PASSAGE_MAX_LENGTH
 from .pair import Encoder
-from .retrieval import QueryError, clean_query
 from .runtime import model_scheduler
 
 __all__ = [
@@ -143,11 +148,6 @@ class IGSettings:
         }
 
 
-def _require_queries(queries: Sequence[str]) -> None:
-    if not all(clean_query(query) for query in queries):
-        raise QueryError("Type a query to attribute: this one is empty once control characters are dropped.")
-
-
 def attribute_queries(
     encoder: Encoder,
     queries: Sequence[str],
@@ -159,7 +159,7 @@ def attribute_queries(
 
     passes replaces settings.passes (one pass: every input with that rule, as the completeness sweeps need).
     """
-    _require_queries(queries)
+    require_queries(queries)
     tower = encoder.query
     return attribute_adaptively(
         tower,
@@ -200,7 +200,7 @@ def attribute_passages(
 def attribute_pair(
     encoder: Encoder, query: str, title: str, text: str, settings: IGSettings = IGSettings()
 ) -> PairAttribution:
-    _require_queries([query])
+    require_queries([query])
     query_vector = encoder.encode_queries([query])[0]
     passage_vector = passage_embeddings(encoder, [title], [text], settings)
     return PairAttribution(
@@ -225,7 +225,7 @@ def _ranking_parts(
     progress(done, total) counts the total's run, the per-passage query runs as one step, and the passage runs
     (re-runs at more steps add to the total).
     """
-    _require_queries([query])
+    require_queries([query])
     steps = int(with_total) + (1 if pair_rows else 0)
     total_steps = len(pair_rows) + steps
     rows = list(range(len(titles))) if with_total else list(pair_rows)

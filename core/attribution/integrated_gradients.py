@@ -16,6 +16,7 @@ import torch
 
 from ..device import scaled
 from ..pair import Tower
+from ..retrieval import QueryError, clean_query
 from ..runtime import model_work, require_model_job
 from . import AttributionError
 from .quadrature import Quadrature, Rule
@@ -43,6 +44,11 @@ def activation_grads_only(*models: torch.nn.Module | Tower):
     finally:
         for parameter, flag in saved:
             parameter.requires_grad_(flag)
+
+
+def require_queries(queries: Sequence[str]) -> None:
+    if not all(clean_query(query) for query in queries):
+        raise QueryError("Type a query to attribute: this one is empty once control characters are dropped.")
 
 
 def encode_inputs(tower: Tower, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int | None):

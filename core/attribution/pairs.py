@@ -22,7 +22,6 @@ import torch
 from ..cache import Analysis, ResultCache
 from ..index import PASSAGE_MAX_LENGTH
 from ..pair import Encoder, Tower
-from ..retrieval import QueryError, clean_query
 from ..runtime import model_work
 from .integrated_gradients import (
     TOKEN_BUDGET,
@@ -31,6 +30,7 @@ from .integrated_gradients import (
     integrated_gradients,
     model_inputs,
     pad_baseline,
+    require_queries,
 )
 from .quadrature import Quadrature, Rule
 from .results import TokenAttribution, token_attribution
@@ -148,8 +148,7 @@ def token_pair_map(
     n_steps: int = DEFAULT_PAIR_STEPS,
     passage_max_length: int = PASSAGE_MAX_LENGTH,
 ) -> TokenPairMap:
-    if not clean_query(query):
-        raise QueryError("Type a query to attribute: this one is empty once control characters are dropped.")
+    require_queries([query])
     quadrature = Quadrature(n_steps, "gausslegendre")
     rule = quadrature.rule()
     query_batch = encode_inputs(encoder.query, [query], None, None)
