@@ -7,19 +7,14 @@ python -m bench.foundation --quick   # shrunk sizes, no browser: checks that it 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.harness import ROOT, Results, Row, child_peak_rss_mib, is_quick, measure, parse_args, side_by_side, sized
+from bench.browser import AppServer, chromium_available, launch_chromium
+from bench.harness import Results, Row, child_peak_rss_mib, is_quick, measure, parse_args, side_by_side, sized
 from core.cache import ResultCache
 from core.corpus import load_wiki
 from core.index import DenseIndex, load_index
@@ -109,67 +104,24 @@ def retrieval_rows(pair, corpus, cache) -> list[Row]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cold_start_row() -> Row:
     """From `streamlit run` to both result columns in a headless browser, with an empty cache."""
     name = "cold start: streamlit run -> both result columns"
-    chromium = shutil.which("chromium")
     if is_quick():
         return Row(name, None, "s", note="skipped in quick mode")
-    if not chromium:
+    if not chromium_available():
         return Row(name, None, "s", note="skipped: chromium not installed (make browser)")
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "DPR_LENS_CORPUS_LIMIT"}
-    env["DPR_LENS_CACHE"] = tempfile.mkdtemp()
+    workdir = Path(tempfile.mkdtemp())
+    server = AppServer(workdir / "streamlit.log", cache_dir=workdir / "cache")
     opened = {}
 
     def first_answer() -> None:
-        opened["server"] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "app.py",
-                "--server.port",
-                str(port),
-                "--server.headless",
-                "true",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
+        server.start()
         opened["playwright"] = sync_playwright().start()
-        browser = opened["playwright"].chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page()
-        page.goto(url)
+        page = launch_chromium(opened["playwright"]).new_page()
+        page.goto(server.url)
         page.get_by_label("Query").fill(QUERY)
         page.get_by_label("Query").press("Enter")
         page.wait_for_function("document.querySelectorAll('.lens-hit').length >= 20", timeout=300_000)
@@ -179,9 +131,7 @@ def cold_start_row() -> Row:
     finally:
         if "playwright" in opened:
             opened["playwright"].stop()
-        if "server" in opened:
-            opened["server"].terminate()
-            opened["server"].wait(timeout=30)
+        server.stop()
     return Row(name, elapsed, "s", note="empty cache, prebuilt embeddings; goal <= 60 s")
 
 
