@@ -113,6 +113,7 @@ def browser():
 
 
 def test_a_permalink_reproduces_the_view_in_a_fresh_browser(server, browser):
+    expect = pytest.importorskip("playwright.sync_api").expect
     url = server.url
     first = browser.new_context()
     tab = first.new_page()
@@ -140,10 +141,11 @@ def test_a_permalink_reproduces_the_view_in_a_fresh_browser(server, browser):
     again = fresh.new_page()
     again.goto(link)
     again.wait_for_function("document.querySelectorAll('.lens-hit').length === 30", timeout=240_000)
-    assert again.get_by_label("Query").input_value() == QUERY
+    # Streamlit draws the hits' HTML before its input widgets mount: wait for the value rather than read it once.
+    expect(again.get_by_label("Query")).to_have_value(QUERY, timeout=30_000)
     assert again.locator(".lens-hit").all_inner_texts() == hits
     if chosen is not None:
-        assert again.get_by_label("Passage to analyse on the other pages").input_value() == chosen
+        expect(again.get_by_label("Passage to analyse on the other pages")).to_have_value(chosen, timeout=30_000)
     assert again.locator('[data-testid="stException"]').count() == 0
 
     # The page is the URL's path: the same parameters open the token-attribution page with the same query.
@@ -153,5 +155,5 @@ def test_a_permalink_reproduces_the_view_in_a_fresh_browser(server, browser):
         else f"{url}/token_attributions?{urllib.parse.urlparse(link).query}"
     )
     again.locator("h1", has_text="Token attributions").wait_for(timeout=120_000)
-    assert again.get_by_label("Query").input_value() == QUERY
+    expect(again.get_by_label("Query")).to_have_value(QUERY, timeout=30_000)
     fresh.close()
