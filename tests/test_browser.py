@@ -97,3 +97,18 @@ def test_two_sessions_at_once_get_their_own_results_and_share_one_model_load(ser
         _assert_no_exception(page)
         page.close()
     assert server.log().count("DPR Lens loaded pair offline") == 1
+
+
+def test_a_page_url_opened_first_on_a_fresh_server_goes_through_the_entrypoint(tmp_path, browser):
+    # Until app.py has run once, Streamlit runs a pages/ script by itself, with its own file-name navigation.
+    with AppServer(tmp_path / "streamlit.log", cache_dir=tmp_path / "cache") as app:
+        page = browser.new_page()
+        page.goto(f"{app.url}/token_attributions")
+        page.locator("h1", has_text=TITLES["Token attributions"]).wait_for(timeout=2 * MINUTE)
+        links = page.locator('[data-testid="stSidebarNavLink"]')
+        names = [links.nth(number).inner_text().strip().splitlines()[-1] for number in range(links.count())]
+        assert names == list(TITLES)
+        links.nth(names.index("Twin analyses")).click()
+        page.locator("h1", has_text=TITLES["Twin analyses"]).wait_for(timeout=2 * MINUTE)
+        _assert_no_exception(page)
+        page.close()
