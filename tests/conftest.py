@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DPRConfig,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaTokenizerFast,
+    XLMRobertaConfig,
+    XLMRobertaForMaskedLM,
+)
 
 from core.cache import ResultCache
 from core.corpus import Corpus, load_wiki
@@ -90,6 +107,11 @@ def tiny_dpr_dirs(tmp_path_factory, wiki_slice) -> tuple[Path, Path]:
     return make_tiny_dpr(tmp_path_factory.mktemp("tiny-dpr"), wiki_slice)
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_bert_dir):
+    return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))
+
+
 @pytest.fixture
 def cache(tmp_path) -> ResultCache:
     result = ResultCache(tmp_path / "cache")
@@ -108,3 +130,109 @@ def tiny_dpr(tiny_dpr_dirs):
 def _not_public(monkeypatch):
     """The Docker image turns public mode on; tests that need it turn it on themselves."""
     monkeypatch.delenv("DPR_LENS_PUBLIC", raising=False)
+
+
+# ---- one tiny random masked-LM per model family (adapters, patching) ----
+
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4: pad 1, as RoBERTa's padding_idx
+FAMILY_POOLING = {
+    "bert": ("mean", True),
+    "distilbert": ("cls", False),
+    "roberta": ("mean", True),
+    "xlm-roberta": ("mean", False),
+}
+FAMILY_QUERY = "a river in northern europe"
+FAMILY_TITLE, FAMILY_TEXT = "Danube", "The Danube is a river that flows through Vienna and Budapest into the Black Sea."
+
+
+def _copy_bert_tokenizer(source: Path, directory: Path) -> int:
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, directory / name)
+    return len((source / "vocab.txt").read_text().splitlines())
+
+
+def _write_roberta_tokenizer(directory: Path, corpus) -> int:
+    """A tiny byte-level BPE with RoBERTa's specials, as a RobertaTokenizerFast."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [*corpus.titles, *corpus.texts, *corpus.descriptions, FAMILY_QUERY, FAMILY_TEXT],
+        vocab_size=600,
+        special_tokens=ROBERTA_SPECIALS,
+        show_progress=False,
+    )
+    bpe.save_model(str(directory))
+    tokenizer = RobertaTokenizerFast(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=126)
+    assert (tokenizer.pad_token_id, tokenizer.mask_token) == (1, "<mask>")
+    tokenizer.save_pretrained(directory)
+    return len(tokenizer)
+
+
+def _roberta_settings(vocab: int, **overrides) -> dict:
+    settings = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=128,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def make_family_model(family: str, directory: Path, corpus, tiny_bert_dir: Path) -> Path:
+    """A tiny random masked-LM of the family (its encoder is what load_encoder reads) with a tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(FAMILIES.index(family))
+    if family == "bert":
+        vocab = _copy_bert_tokenizer(tiny_bert_dir, directory)
+        model = BertForMaskedLM(tiny_bert_config(vocab))
+    elif family == "distilbert":
+        vocab = _copy_bert_tokenizer(tiny_bert_dir, directory)
+        model = DistilBertForMaskedLM(
+            DistilBertConfig(
+                vocab_size=vocab,
+                dim=32,
+                n_layers=3,
+                n_heads=2,
+                hidden_dim=48,
+                max_position_embeddings=128,
+                dropout=0.0,
+                attention_dropout=0.0,
+            )
+        )
+    elif family == "roberta":
+        model = RobertaForMaskedLM(RobertaConfig(**_roberta_settings(_write_roberta_tokenizer(directory, corpus))))
+    else:
+        model = XLMRobertaForMaskedLM(
+            XLMRobertaConfig(
+                **_roberta_settings(
+                    _write_roberta_tokenizer(directory, corpus), num_hidden_layers=3, intermediate_size=56
+                )
+            )
+        )
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, wiki_slice, tiny_bert_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family_model(family, root / family, wiki_slice, tiny_bert_dir) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def family_encoders(family_dirs):
+    loaded = {}
+    for family, directory in family_dirs.items():
+        pooling, normalize = FAMILY_POOLING[family]
+        loaded[family] = load_encoder(ModelSpec(family, str(directory), pooling=pooling, normalize=normalize))
+    return loaded

@@ -4,26 +4,15 @@ complete, zeroing neurons equals zeroing weights, and the MLM head fills in a bl
 does. BERT (also inside the DPR towers), DistilBERT, RoBERTa and XLM-R."""
 
 import copy
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from torch import nn
 from transformers import (
     AutoModelForMaskedLM,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
     GPT2Config,
     GPT2Model,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    RobertaTokenizerFast,
-    XLMRobertaConfig,
-    XLMRobertaForMaskedLM,
 )
 
 import core.neuron_attribution as na
@@ -35,124 +24,15 @@ from core.probing import layer_features
 from core.runtime import model_work
 from core.suppression import Neuron, suppressing
 from core.token_attribution import DELTA_TOLERANCE, IGSettings, attribute_pair
-from tests.conftest import tiny_bert_config
-
-FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")
-ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4: pad 1, as RoBERTa's padding_idx
-POOLING = {
-    "bert": ("mean", True),
-    "distilbert": ("cls", False),
-    "roberta": ("mean", True),
-    "xlm-roberta": ("mean", False),
-}
-QUERY = "a river in northern europe"
-TITLE, TEXT = "Danube", "The Danube is a river that flows through Vienna and Budapest into the Black Sea."
+from tests.conftest import FAMILIES
+from tests.conftest import FAMILY_QUERY as QUERY
+from tests.conftest import FAMILY_TEXT as TEXT
+from tests.conftest import FAMILY_TITLE as TITLE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _copy_bert_tokenizer(source: Path, directory: Path) -> int:
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (source / name).is_file():
-            shutil.copy(source / name, directory / name)
-    return len((source / "vocab.txt").read_text().splitlines())
-
-
-def _write_roberta_tokenizer(directory: Path, corpus) -> int:
-    """A tiny byte-level BPE with RoBERTa's specials, as a RobertaTokenizerFast."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [*corpus.titles, *corpus.texts, *corpus.descriptions, QUERY, TEXT],
-        vocab_size=600,
-        special_tokens=ROBERTA_SPECIALS,
-        show_progress=False,
-    )
-    bpe.save_model(str(directory))
-    tokenizer = RobertaTokenizerFast(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=126)
-    assert (tokenizer.pad_token_id, tokenizer.mask_token) == (1, "<mask>")
-    tokenizer.save_pretrained(directory)
-    return len(tokenizer)
-
-
-def _roberta_settings(vocab: int, **overrides) -> dict:
-    settings = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=40,
-        max_position_embeddings=128,
-        type_vocab_size=1,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    settings.update(overrides)
-    return settings
-
-
-def _make(family: str, directory: Path, corpus, tiny_bert_dir: Path) -> Path:
-    """A tiny random masked-LM of the family (its encoder is what load_encoder reads) with a tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(FAMILIES.index(family))
-    if family == "bert":
-        vocab = _copy_bert_tokenizer(tiny_bert_dir, directory)
-        model = BertForMaskedLM(tiny_bert_config(vocab))
-    elif family == "distilbert":
-        vocab = _copy_bert_tokenizer(tiny_bert_dir, directory)
-        model = DistilBertForMaskedLM(
-            DistilBertConfig(
-                vocab_size=vocab,
-                dim=32,
-                n_layers=3,
-                n_heads=2,
-                hidden_dim=48,
-                max_position_embeddings=128,
-                dropout=0.0,
-                attention_dropout=0.0,
-            )
-        )
-    elif family == "roberta":
-        model = RobertaForMaskedLM(RobertaConfig(**_roberta_settings(_write_roberta_tokenizer(directory, corpus))))
-    else:
-        model = XLMRobertaForMaskedLM(
-            XLMRobertaConfig(
-                **_roberta_settings(
-                    _write_roberta_tokenizer(directory, corpus), num_hidden_layers=3, intermediate_size=56
-                )
-            )
-        )
-    model.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory, wiki_slice, tiny_bert_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
-    return {family: _make(family, root / family, wiki_slice, tiny_bert_dir) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def encoders(family_dirs):
-    loaded = {}
-    for family, directory in family_dirs.items():
-        pooling, normalize = POOLING[family]
-        loaded[family] = load_encoder(ModelSpec(family, str(directory), pooling=pooling, normalize=normalize))
-    return loaded
-
-
-def _towers(encoders, tiny_dpr, family: str):
+def _towers(family_encoders, tiny_dpr, family: str):
     """(tower, batch) pairs: the family's query tower on a query and its context tower on (title, text)."""
-    encoder = tiny_dpr if family == "dpr" else encoders[family]
+    encoder = tiny_dpr if family == "dpr" else family_encoders[family]
     return [
         (encoder.query, encoder.query.tokenize([QUERY])),
         (encoder.context, encoder.context.tokenize([TITLE], [TEXT])),
@@ -169,10 +49,14 @@ def _expected_sizes(config) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- families
 
 
-def test_the_adapter_follows_the_model_type(encoders, tiny_dpr, tmp_path):
-    assert type(encoders["bert"].query.adapter) is BertAdapter
-    assert type(encoders["distilbert"].query.adapter) is DistilBertAdapter
-    assert type(encoders["roberta"].query.adapter) is type(encoders["xlm-roberta"].query.adapter) is RobertaAdapter
+def test_the_adapter_follows_the_model_type(family_encoders, tiny_dpr, tmp_path):
+    assert type(family_encoders["bert"].query.adapter) is BertAdapter
+    assert type(family_encoders["distilbert"].query.adapter) is DistilBertAdapter
+    assert (
+        type(family_encoders["roberta"].query.adapter)
+        is type(family_encoders["xlm-roberta"].query.adapter)
+        is RobertaAdapter
+    )
     for tower in (tiny_dpr.query, tiny_dpr.context):  # DPR wrappers: the BERT inside
         assert type(tower.adapter) is BertAdapter
         assert tower.backbone is tower.model.base_model.bert_model
@@ -185,8 +69,8 @@ def test_the_adapter_follows_the_model_type(encoders, tiny_dpr, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES + ("dpr",))
-def test_layers_and_ffn_sites_follow_the_config(family, encoders, tiny_dpr):
-    for tower, _ in _towers(encoders, tiny_dpr, family):
+def test_layers_and_ffn_sites_follow_the_config(family, family_encoders, tiny_dpr):
+    for tower, _ in _towers(family_encoders, tiny_dpr, family):
         layers, intermediate, output = _expected_sizes(tower.backbone.config)
         assert tower.layer_count == len(tower.layers) == len(tower.ffn_sites) == layers
         assert site_sizes(tower) == {"intermediate": intermediate, "output": output}
@@ -197,8 +81,8 @@ def test_layers_and_ffn_sites_follow_the_config(family, encoders, tiny_dpr):
 
 
 @pytest.mark.parametrize("family", FAMILIES + ("dpr",))
-def test_hidden_states_end_in_the_towers_embedding(family, encoders, tiny_dpr):
-    encoder = tiny_dpr if family == "dpr" else encoders[family]
+def test_hidden_states_end_in_the_towers_embedding(family, family_encoders, tiny_dpr):
+    encoder = tiny_dpr if family == "dpr" else family_encoders[family]
     titles, texts = ["Danube", "Paris"], [TEXT, "Paris is the capital of France."]
     for tower, pairs in ((encoder.query, None), (encoder.context, texts)):
         batch = tower.tokenize(titles, pairs)  # two rows of different lengths: padding
@@ -216,8 +100,8 @@ def test_hidden_states_end_in_the_towers_embedding(family, encoders, tiny_dpr):
 
 
 @pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
-def test_roberta_positions_are_its_own_and_ignore_the_token_ids(family, encoders):
-    tower = encoders[family].query
+def test_roberta_positions_are_its_own_and_ignore_the_token_ids(family, family_encoders):
+    tower = family_encoders[family].query
     batch = tower.tokenize(["a river", QUERY])
     assert "token_type_ids" not in tower.adapter.forward_kwargs(tower.model, batch)
     assert tower.adapter.max_positions(tower.model) == tower.max_length == 126  # 128 positions from padding_idx + 1
@@ -237,9 +121,9 @@ def test_roberta_positions_are_its_own_and_ignore_the_token_ids(family, encoders
 
 
 @pytest.mark.parametrize("family", FAMILIES + ("dpr",))
-def test_knowledge_neuron_attributions_are_complete(family, encoders, tiny_dpr):
+def test_knowledge_neuron_attributions_are_complete(family, family_encoders, tiny_dpr):
     rng = np.random.default_rng(0)
-    for tower, batch in _towers(encoders, tiny_dpr, family):
+    for tower, batch in _towers(family_encoders, tiny_dpr, family):
         target = rng.normal(size=tower.dim).astype(np.float32)
         result = attribute_neurons(tower, batch, target, steps=200)
         layers, intermediate, output = _expected_sizes(tower.backbone.config)
@@ -254,8 +138,8 @@ def test_knowledge_neuron_attributions_are_complete(family, encoders, tiny_dpr):
 
 
 @pytest.mark.parametrize("family", ["distilbert", "roberta"])
-def test_batched_neuron_attribution_equals_the_per_layer_loop(family, encoders):
-    tower = encoders[family].query
+def test_batched_neuron_attribution_equals_the_per_layer_loop(family, family_encoders):
+    tower = family_encoders[family].query
     batch = tower.tokenize([QUERY])
     target = np.random.default_rng(1).normal(size=tower.dim).astype(np.float32)
     batched = attribute_neurons(tower, batch, target, steps=5, max_token_layers=40)
@@ -267,8 +151,8 @@ def test_batched_neuron_attribution_equals_the_per_layer_loop(family, encoders):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_token_ig_is_complete(family, encoders):
-    encoder = encoders[family]
+def test_token_ig_is_complete(family, family_encoders):
+    encoder = family_encoders[family]
     # The plain rule: its path starts at the [PAD] baseline's own forward (RoBERTa: the same positions).
     pair = attribute_pair(encoder, QUERY, TITLE, TEXT, IGSettings(32, start_steps=None))
     expected = float(encoder.encode_queries([QUERY])[0] @ encoder.encode_passages([TITLE], [TEXT])[0])
@@ -280,8 +164,8 @@ def test_token_ig_is_complete(family, encoders):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_zeroing_neurons_equals_zeroing_their_weights(family, encoders):
-    tower = encoders[family].query
+def test_zeroing_neurons_equals_zeroing_their_weights(family, family_encoders):
+    tower = family_encoders[family].query
     batch = tower.tokenize([QUERY])
     rows = {key: value.expand(2, -1) for key, value in batch.items()}
     last = tower.layer_count - 1
@@ -308,9 +192,9 @@ def test_zeroing_neurons_equals_zeroing_their_weights(family, encoders):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_masked_lm_head_fills_in_the_blank(family, encoders, family_dirs):
-    cloze = load_cloze_model(encoders[family])
-    assert type(cloze.tower.adapter) is type(encoders[family].query.adapter)
+def test_the_masked_lm_head_fills_in_the_blank(family, family_encoders, family_dirs):
+    cloze = load_cloze_model(family_encoders[family])
+    assert type(cloze.tower.adapter) is type(family_encoders[family].query.adapter)
     prompt = "The Danube flows into the ___ Sea."
     predictions = fill_in_blank(cloze, prompt, top_k=5)
     plain = AutoModelForMaskedLM.from_pretrained(family_dirs[family], dtype=torch.float32).eval()

@@ -18,7 +18,6 @@ from core.attribution.methods import (
 from core.attribution.pairs import cached_pair_map, integrated_jacobian, token_pair_map
 from core.attribution.quadrature import Quadrature
 from core.attribution.results import Token
-from core.pair import ModelSpec, load_encoder
 from core.retrieval import QueryError
 from core.runtime import model_work
 from core.token_attribution import IGSettings, attribute_pair
@@ -30,28 +29,15 @@ QUERY = "capital city of france"
 SETTINGS = IGSettings(n_steps=20, start_steps=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_bert_dir):
-    return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))
-
-
 @pytest.fixture(scope="module")
 def passage(wiki_slice):
     return wiki_slice.titles[3], wiki_slice.texts[3][:200]
 
 
 @pytest.fixture(scope="module")
-def panel(tiny, passage):
-    pair = attribute_pair(tiny, QUERY, *passage, SETTINGS)
-    return attribute_methods(tiny, QUERY, *passage, pair.query, pair.passage, 256)
+def panel(tiny_encoder, passage):
+    pair = attribute_pair(tiny_encoder, QUERY, *passage, SETTINGS)
+    return attribute_methods(tiny_encoder, QUERY, *passage, pair.query, pair.passage, 256)
 
 
 def _score(encoder, query, title, text):
@@ -71,19 +57,19 @@ def test_every_method_on_both_sides(panel):
             assert all(t.score == 0 for t in methods[method].tokens if t.special)
 
 
-def test_occlusion_is_explicit_rescoring(tiny, panel, passage):
+def test_occlusion_is_explicit_rescoring(tiny_encoder, panel, passage):
     title, text = passage
-    passage_vector = tiny.encode_passages([title], [text], max_length=256)[0]
-    full = _score(tiny, QUERY, title, text)
-    batch = encode_inputs(tiny.query, [QUERY], None, None)
+    passage_vector = tiny_encoder.encode_passages([title], [text], max_length=256)[0]
+    full = _score(tiny_encoder, QUERY, title, text)
+    batch = encode_inputs(tiny_encoder.query, [QUERY], None, None)
     occluded = panel.query["occlusion"]
     for position, token in enumerate(occluded.tokens):
         if token.special:
             continue
         ids = batch["input_ids"].clone()
-        ids[0, position] = tiny.query.pad_token_id
+        ids[0, position] = tiny_encoder.query.pad_token_id
         with torch.inference_mode():
-            edited = tiny.query.forward({**model_inputs(batch), "input_ids": ids})[0].numpy()
+            edited = tiny_encoder.query.forward({**model_inputs(batch), "input_ids": ids})[0].numpy()
         assert token.score == pytest.approx(full - float(edited @ passage_vector), abs=1e-5)
 
 
@@ -96,11 +82,11 @@ def _grad_input_by_hand(tower, batch, other):
     return (embeds.grad * embeds.detach()).sum(-1)[0].numpy()
 
 
-def test_gradient_times_input_matches_autograd_by_hand(tiny, panel, passage):
+def test_gradient_times_input_matches_autograd_by_hand(tiny_encoder, panel, passage):
     title, text = passage
-    query_vector = torch.as_tensor(tiny.encode_queries([QUERY])[0])
-    batch = encode_inputs(tiny.context, [title], [text], 256)
-    expected = _grad_input_by_hand(tiny.context, batch, query_vector)
+    query_vector = torch.as_tensor(tiny_encoder.encode_queries([QUERY])[0])
+    batch = encode_inputs(tiny_encoder.context, [title], [text], 256)
+    expected = _grad_input_by_hand(tiny_encoder.context, batch, query_vector)
     got = np.array([t.score for t in panel.passage["grad_input"].tokens])
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -139,10 +125,10 @@ def test_panel_agreement_has_every_pair_of_methods(panel):
     assert table.set_index(["method 1", "method 2"]).loc[("ig_pad", "ig_mask"), "kendall"] > 0
 
 
-def test_panel_is_cached_and_reuses_the_pad_ig(tiny, passage, cache, monkeypatch):
-    first = cached_panel(cache, tiny, QUERY, *passage, SETTINGS)
+def test_panel_is_cached_and_reuses_the_pad_ig(tiny_encoder, passage, cache, monkeypatch):
+    first = cached_panel(cache, tiny_encoder, QUERY, *passage, SETTINGS)
     monkeypatch.setattr("core.attribution.methods.attribute_methods", lambda *a, **k: pytest.fail("recomputed"))
-    again = cached_panel(cache, tiny, QUERY, *passage, SETTINGS)
+    again = cached_panel(cache, tiny_encoder, QUERY, *passage, SETTINGS)
     assert again.passage["occlusion"].tokens == first.passage["occlusion"].tokens
 
 
@@ -150,12 +136,12 @@ def test_panel_is_cached_and_reuses_the_pad_ig(tiny, passage, cache, monkeypatch
 
 
 @pytest.fixture(scope="module")
-def pair_map(tiny, passage):
-    return token_pair_map(tiny, QUERY, *passage, n_steps=24)
+def pair_map(tiny_encoder, passage):
+    return token_pair_map(tiny_encoder, QUERY, *passage, n_steps=24)
 
 
-def test_pair_map_total_is_the_interaction_and_the_deviation_is_the_main_effects(tiny, pair_map, passage):
-    assert pair_map.score == pytest.approx(_score(tiny, QUERY, *passage), abs=1e-5)
+def test_pair_map_total_is_the_interaction_and_the_deviation_is_the_main_effects(tiny_encoder, pair_map, passage):
+    assert pair_map.score == pytest.approx(_score(tiny_encoder, QUERY, *passage), abs=1e-5)
     assert pair_map.quadrature_error == pytest.approx(0, abs=0.01 * abs(pair_map.interaction) + 1e-5)
     assert pair_map.deviation == pytest.approx(pair_map.quadrature_error - pair_map.main_effects, abs=1e-6)
     # With non-zero baselines (a normalised mean-pooled tower) the main effects do not vanish.
@@ -172,49 +158,49 @@ def _pooled_pair(tower, batch):
         return tower.forward(both).numpy()
 
 
-def test_integrated_jacobian_is_complete_per_dimension(tiny):
-    batch = encode_inputs(tiny.query, [QUERY], None, None)
+def test_integrated_jacobian_is_complete_per_dimension(tiny_encoder):
+    batch = encode_inputs(tiny_encoder.query, [QUERY], None, None)
     jacobian = integrated_jacobian(
-        tiny.query,
+        tiny_encoder.query,
         model_inputs(batch),
-        pad_baseline(batch, tiny.query.pad_token_id),
+        pad_baseline(batch, tiny_encoder.query.pad_token_id),
         Quadrature(24, "gausslegendre").rule(),
     )
-    f, f0 = _pooled_pair(tiny.query, batch)
-    assert jacobian.shape == (batch["input_ids"].shape[1], tiny.query.dim)
+    f, f0 = _pooled_pair(tiny_encoder.query, batch)
+    assert jacobian.shape == (batch["input_ids"].shape[1], tiny_encoder.query.dim)
     np.testing.assert_allclose(jacobian.sum(0), f - f0, atol=2e-3 * np.abs(f - f0).max())
     assert not jacobian[batch["special_tokens_mask"][0].bool().numpy()].any()
 
 
-def test_pair_map_rows_are_query_ig_against_the_passage_difference(tiny, pair_map, passage):
+def test_pair_map_rows_are_query_ig_against_the_passage_difference(tiny_encoder, pair_map, passage):
     """Σ_j M[i, j] = Q[i] · (g(p) − g(p0)): the query-side IG with that target, by the token-IG driver."""
     from core.attribution.integrated_gradients import integrated_gradients
 
     title, text = passage
-    passage_batch = encode_inputs(tiny.context, [title], [text], 256)
-    g, g0 = _pooled_pair(tiny.context, passage_batch)
-    batch = encode_inputs(tiny.query, [QUERY], None, None)
+    passage_batch = encode_inputs(tiny_encoder.context, [title], [text], 256)
+    g, g0 = _pooled_pair(tiny_encoder.context, passage_batch)
+    batch = encode_inputs(tiny_encoder.query, [QUERY], None, None)
     expected, _, _ = integrated_gradients(
-        tiny.query,
+        tiny_encoder.query,
         model_inputs(batch),
-        pad_baseline(batch, tiny.query.pad_token_id),
+        pad_baseline(batch, tiny_encoder.query.pad_token_id),
         torch.as_tensor(g - g0)[None],
         Quadrature(24, "gausslegendre").rule(),
     )
     np.testing.assert_allclose(pair_map.matrix.sum(1), expected[0], atol=1e-4)
 
 
-def test_pair_map_views_and_cache(tiny, pair_map, passage, cache, monkeypatch):
+def test_pair_map_views_and_cache(tiny_encoder, pair_map, passage, cache, monkeypatch):
     rows, columns, matrix = pair_map.words()
     assert rows == QUERY.split() and matrix.shape == (len(rows), len(columns))
     assert matrix.sum() == pytest.approx(pair_map.total, abs=1e-6)
     token_rows, token_columns, token_matrix = pair_map.tokens()
     assert len(token_columns) >= len(columns) and token_matrix.sum() == pytest.approx(pair_map.total, abs=1e-6)
-    first = cached_pair_map(cache, tiny, QUERY, *passage, n_steps=4)
+    first = cached_pair_map(cache, tiny_encoder, QUERY, *passage, n_steps=4)
     monkeypatch.setattr("core.attribution.pairs.token_pair_map", lambda *a, **k: pytest.fail("recomputed"))
-    np.testing.assert_array_equal(cached_pair_map(cache, tiny, QUERY, *passage, n_steps=4).matrix, first.matrix)
+    np.testing.assert_array_equal(cached_pair_map(cache, tiny_encoder, QUERY, *passage, n_steps=4).matrix, first.matrix)
     with pytest.raises(QueryError):
-        token_pair_map(tiny, " \x00 ", *passage)
+        token_pair_map(tiny_encoder, " \x00 ", *passage)
 
 
 def test_pair_frame_cuts_long_passages_to_the_top_columns(pair_map):

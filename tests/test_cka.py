@@ -11,7 +11,6 @@ from core.cli import main
 from core.neuron_attribution import aggregate_sample
 from core.pair import custom_pair, load_pair
 from tests.conftest import make_tiny_bert
-from tests.test_adapters import one_thread  # noqa: F401 (fixture)
 
 
 def reference_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from core.attribution.faithfulness import (
     MEASURES,
@@ -15,38 +14,24 @@ from core.attribution.faithfulness import (
 from core.attribution.methods import METHOD_NAMES, cached_panel
 from core.corpus import Corpus
 from core.index import DenseIndex
-from core.pair import ModelSpec, load_encoder
 from core.token_attribution import IGSettings
 
 QUERY = "capital city of france"
 SETTINGS = IGSettings(n_steps=12, start_steps=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(tiny_bert_dir):
-    return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))
-
-
-@pytest.fixture(scope="module")
-def candidates(tiny, wiki_slice):
+def candidates(tiny_encoder, wiki_slice):
     titles, texts = wiki_slice.titles[:12], [text[:160] for text in wiki_slice.texts[:12]]
-    return titles, texts, tiny.encode_passages(titles, texts, max_length=256)
+    return titles, texts, tiny_encoder.encode_passages(titles, texts, max_length=256)
 
 
 @pytest.fixture(scope="module")
-def result(tiny, candidates):
+def result(tiny_encoder, candidates):
     titles, texts, embeddings = candidates
-    panel = cached_panel(None, tiny, QUERY, titles[5], texts[5], SETTINGS)
+    panel = cached_panel(None, tiny_encoder, QUERY, titles[5], texts[5], SETTINGS)
     return panel, pair_faithfulness(
-        tiny, panel, QUERY, titles[5], texts[5], embeddings, 5, k_max=6, random_orders=4, seed=1
+        tiny_encoder, panel, QUERY, titles[5], texts[5], embeddings, 5, k_max=6, random_orders=4, seed=1
     )
 
 
@@ -85,10 +70,10 @@ def test_edits_against_explicit_rescoring(result):
     assert query.score == pytest.approx(ig.score, abs=1e-5)
 
 
-def test_rank_among_the_candidates(tiny, candidates, result):
+def test_rank_among_the_candidates(tiny_encoder, candidates, result):
     _, faithfulness = result
     titles, texts, embeddings = candidates
-    scores = embeddings @ tiny.encode_queries([QUERY])[0]
+    scores = embeddings @ tiny_encoder.encode_queries([QUERY])[0]
     expected = 1 + int((np.delete(scores, 5) > scores[5]).sum())
     assert faithfulness.query.rank == faithfulness.passage.rank == expected
     for side in faithfulness.sides():
@@ -96,14 +81,18 @@ def test_rank_among_the_candidates(tiny, candidates, result):
             assert all(1 <= r <= len(titles) for curve in curves.values() for r in curve.rank)
 
 
-def test_cached_with_the_passage_added_to_its_candidates(tiny, wiki_slice, candidates, cache, monkeypatch):
+def test_cached_with_the_passage_added_to_its_candidates(tiny_encoder, wiki_slice, candidates, cache, monkeypatch):
     titles, texts, embeddings = candidates
     corpus = Corpus("slice", wiki_slice.ids[:12], tuple(titles), tuple(texts))
     index = DenseIndex(embeddings, {}, "built")
-    _, first = cached_faithfulness(cache, tiny, corpus, index, QUERY, [0, 1, 2], 5, SETTINGS, k_max=2, random_orders=1)
+    _, first = cached_faithfulness(
+        cache, tiny_encoder, corpus, index, QUERY, [0, 1, 2], 5, SETTINGS, k_max=2, random_orders=1
+    )
     assert first.passage.rank <= 4
     monkeypatch.setattr("core.attribution.faithfulness.pair_faithfulness", lambda *a, **k: pytest.fail("recomputed"))
-    _, again = cached_faithfulness(cache, tiny, corpus, index, QUERY, [0, 1, 2], 5, SETTINGS, k_max=2, random_orders=1)
+    _, again = cached_faithfulness(
+        cache, tiny_encoder, corpus, index, QUERY, [0, 1, 2], 5, SETTINGS, k_max=2, random_orders=1
+    )
     assert again == first
     table = summary({"A": [first, again]})
     assert set(table["order"]) == set(METHOD_NAMES) | {RANDOM}

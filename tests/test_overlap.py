@@ -11,7 +11,6 @@ from core.overlap import OverlapAggregate, neuron_overlap, set_overlap
 from core.pair import custom_pair, load_pair
 from core.patching import TwinError
 from tests.conftest import make_tiny_bert
-from tests.test_adapters import one_thread  # noqa: F401 (fixture)
 
 
 def test_counts_and_jaccard_of_hand_made_sets():

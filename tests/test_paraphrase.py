@@ -18,7 +18,6 @@ from core.paraphrase import (
     parse_phrasings,
 )
 from tests.conftest import make_tiny_bert
-from tests.test_adapters import one_thread  # noqa: F401 (fixture)
 
 
 def test_the_built_in_set_has_thirty_needs_with_gold_articles_in_the_corpus():

@@ -28,8 +28,8 @@ from core.patching import (
     summarise_cells,
 )
 from core.runtime import model_work
-from tests.conftest import make_tiny_bert
-from tests.test_adapters import FAMILIES, QUERY, encoders, family_dirs, one_thread  # noqa: F401 (fixtures)
+from tests.conftest import FAMILIES, make_tiny_bert
+from tests.conftest import FAMILY_QUERY as QUERY
 
 POOLINGS = {"mean": True, "cls": False}  # pooling: normalise
 
@@ -136,8 +136,8 @@ def test_pairs_that_are_not_twins_are_refused_in_one_sentence(tmp_path, wiki_sli
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layer_outputs_are_the_hidden_states(family, encoders):  # noqa: F811 (fixture)
-    tower = encoders[family].query
+def test_layer_outputs_are_the_hidden_states(family, family_encoders):
+    tower = family_encoders[family].query
     batch = tower.tokenize(["Danube", QUERY])
     blocks = tower.adapter.layer_outputs(tower.model)
     recorded = {}

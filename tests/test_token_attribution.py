@@ -39,18 +39,6 @@ from ui.token_views import completeness_text, tokens_html
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Tiny models' 32-wide matmuls gain nothing from threads, and thread sync dominates on a busy CPU."""
-    if "minilm" in request.fixturenames:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def minilm():
     return load_encoder(ModelSpec("A", "minilm:"))
