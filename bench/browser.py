@@ -277,10 +277,9 @@ def open_sessions(browser, url: str, count: int, page: str = "", viewport: dict 
 def enter_through_home(browser, url: str, query: str | None = None, timeout: float = 10 * MINUTE) -> None:
     """Opens the home page once (and, with `query`, retrieves it), then closes that tab.
 
-    Do this on a fresh server before opening any other page's URL: app.py has a pages/ folder next to it, so
-    Streamlit starts in its legacy "pages folder" mode and keeps running a deep-linked page (/token_attributions)
-    directly, without app.py (no logging configuration, no st.navigation), until some session has run app.py.
-    With `query`, the pair and the index are loaded too, so a timed run after this does not pay for them.
+    Do this on a fresh server before timing other sessions: the first run of app.py configures the server's
+    logging (which the job-log checks read), and with `query` the pair and the index are loaded too, so a timed
+    run after this does not pay for them.
     """
     tab = browser.new_page()
     goto(tab, url)

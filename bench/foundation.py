@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.browser import AppServer, chromium_available, launch_chromium
+from bench.browser import AppServer, chromium_available, launch_chromium, submit_queries
 from bench.harness import Results, Row, child_peak_rss_mib, is_quick, measure, parse_args, side_by_side, sized
 from core.cache import ResultCache
 from core.corpus import load_wiki
@@ -122,8 +122,7 @@ def cold_start_row() -> Row:
         opened["playwright"] = sync_playwright().start()
         page = launch_chromium(opened["playwright"]).new_page()
         page.goto(server.url)
-        page.get_by_label("Query").fill(QUERY)
-        page.get_by_label("Query").press("Enter")
+        submit_queries([page], [QUERY])
         page.wait_for_function("document.querySelectorAll('.lens-hit').length >= 20", timeout=300_000)
 
     try:

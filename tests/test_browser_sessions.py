@@ -81,8 +81,7 @@ def tabs(server):
     """SESSIONS + 1 tabs in one browser context, reused by every test (each test navigates them: new sessions)."""
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
-        # Until a session has run app.py, a deep link runs its page without app.py (and without its logging
-        # configuration, which the job-log checks need): see bench.browser.enter_through_home.
+        # app.py's first run configures the server's logging, which the job-log checks read.
         enter_through_home(browser, server.url)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         context.set_default_timeout(5 * MINUTE)
