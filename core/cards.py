@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from string import Template
 
@@ -30,6 +31,16 @@ def metric_row(evaluation: Evaluation, names=("R@1", "R@10", "nDCG@10")) -> str:
     return " | ".join(cells)
 
 
+TWIN_METRICS = ("R@1", "R@10", "MRR@10", "nDCG@10")
+
+
+def results_table(evaluations: Mapping[str, Evaluation]) -> str:
+    """One markdown row per model (label -> evaluation) on one query set."""
+    lines = ["| model | " + " | ".join(TWIN_METRICS) + " |", "|---" * (len(TWIN_METRICS) + 1) + "|"]
+    lines += [f"| {label} | {metric_row(e, TWIN_METRICS)} |" for label, e in evaluations.items()]
+    return "\n".join(lines)
+
+
 def _storage(save_fp16: bool) -> str:
     return "float16 safetensors" if save_fp16 else "float32 safetensors"
 
@@ -39,10 +50,12 @@ def dpr_twin_card(
     command: str,
     config: TrainConfig,
     report: TrainReport,
-    base_eval: Evaluation,
-    twin_eval: Evaluation,
+    descriptions: Mapping[str, Evaluation],
     corpus_size: int,
+    questions: Mapping[str, Evaluation] | None = None,
+    questions_note: str = "",
 ) -> str:
+    """The card of a trained twin; `descriptions` and `questions` map row labels to evaluations, in row order."""
     base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
     lens = json.loads((output / LENS_CONFIG).read_text())
     similarity = (
@@ -51,6 +64,9 @@ def dpr_twin_card(
         else "dot products (no normalisation, as in DPR)"
     )
     first, last = report.losses[:LOSS_WINDOW], report.losses[-LOSS_WINDOW:]
+    question_section = ""
+    if questions:
+        question_section = f"\n\n### Natural questions\n\n{questions_note}\n\n{results_table(questions)}"
     return fill(
         "dpr_twin_card.md",
         name=output.name,
@@ -58,6 +74,7 @@ def dpr_twin_card(
         command=command,
         pooling=lens["pooling"],
         similarity=similarity,
+        query_styles=", ".join(f"`{style}`" for style in config.query_styles),
         learning_rate=config.learning_rate,
         warmup=f"{config.warmup_fraction:.0%}",
         batch_size=config.batch_size,
@@ -76,10 +93,10 @@ def dpr_twin_card(
         loss_start=f"{sum(first) / max(1, len(first)):.3f}",
         loss_end=f"{sum(last) / max(1, len(last)):.3f}",
         storage=_storage(config.save_fp16),
-        queries=base_eval.queries,
+        queries=next(iter(descriptions.values())).queries,
         index_max_length=PASSAGE_MAX_LENGTH,
-        before_row=metric_row(base_eval),
-        after_row=metric_row(twin_eval),
+        description_table=results_table(descriptions),
+        question_section=question_section,
     )
 
 

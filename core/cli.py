@@ -1,5 +1,5 @@
 """Command line: python -m core {pretrain, train, build-index, evaluate, probe, neurons-aggregate, token-ig,
-patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness}."""
+word-clouds, patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness, report}."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import logging
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from .attribution.faithfulness import CANDIDATES as FAITHFULNESS_CANDIDATES
@@ -20,14 +22,22 @@ from .attribution.faithfulness import cached_faithfulness
 from .attribution.faithfulness import summary as faithfulness_summary
 from .attribution.methods import agreement_summary
 from .attribution.pairs import DEFAULT_PAIR_STEPS, cached_pair_map
+from .bundles import retrieval_bundle, token_bundle
 from .cache import ResultCache
 from .cards import dpr_twin_card, mlm_card
 from .cka import INPUTS, layer_similarity
 from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_from_args
-from .corpus import CorpusError, LabelledQuery, description_queries, load_corpus, split_indices
+from .corpus import CorpusError, LabelledQuery, description_queries, is_held_out, load_corpus, split_indices
 from .corpus_stream import load_scan
 from .device import DEVICE_ENV, ENCODE_DTYPE_ENV, ENCODE_DTYPES, use_device
-from .distributed import aggregate_neurons_chunked, build_sharded
+from .distributed import (
+    EVALUATION_CHUNK_SIZE,
+    aggregate_neurons_chunked,
+    build_sharded,
+    evaluate_encoder_chunked,
+    ray_session,
+    word_clouds_chunked,
+)
 from .errors import LensError
 from .evaluation import (
     A_WINS,
@@ -50,11 +60,21 @@ from .paraphrase import DEFAULT_K, Need, load_needs, paraphrase_agreement
 from .patching import DIRECTIONS, PATCH_SITES, aggregate_patching, patch_query
 from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
 from .probing import NEGATIVE_SOURCES, ProbeConfig, format_table, run_probing
-from .retrieval import retrieve
-from .token_attribution import METHODS, TOP_K, IGSettings, cached_ranking, word_sums
-from .training import TrainConfig, save_twin, train_dpr
+from .report import build_zip
+from .retrieval import QUERY_BATCH, clean_query, retrieve
+from .token_attribution import (
+    METHODS,
+    TOP_K,
+    IGSettings,
+    cached_deletion_curve,
+    cached_pair,
+    cached_ranking,
+    word_sums,
+)
+from .training import TrainConfig, TrainReport, save_twin, train_dpr
 
 CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
+NATURAL_QUESTIONS = "assets/natural_questions.jsonl"  # hand-written questions about bundled Wikipedia articles
 DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"
 # ProbeConfig and IGSettings carry no command-line metadata of their own.
 PROBE_OPTIONS = {
@@ -142,20 +162,34 @@ def _command_line() -> str:
     return "python -m core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _held_out_evaluations(corpus, cache_directory: str | None, specs: list[ModelSpec]) -> list[Evaluation]:
-    """Each model on the held-out description -> article queries, printed as it finishes."""
+def _held_out_evaluations(
+    corpus, cache_directory: str | None, specs: list[ModelSpec], extra: list[LabelledQuery] | None = None
+) -> tuple[list[Evaluation], list[Evaluation]]:
+    """Each model on the held-out description -> article queries (and on `extra` queries), printed as it finishes."""
     cache = ResultCache(cache_directory)
     _, held_out = split_indices(corpus)
     queries = description_queries(corpus, held_out)
-    evaluations = []
+    evaluations, extra_evaluations = [], []
     for spec in specs:
+        encoder = load_encoder(spec)
         evaluations.append(
             evaluate_encoder(
-                load_encoder(spec), corpus, queries, cache, progress=_tqdm_progress(f"encoding corpus ({spec.label})")
+                encoder, corpus, queries, cache, progress=_tqdm_progress(f"encoding corpus ({spec.label})")
             )
         )
         print(spec.label, {k: round(v, 4) for k, v in evaluations[-1].means.items()})
-    return evaluations
+        if extra:
+            extra_evaluations.append(evaluate_encoder(encoder, corpus, extra, cache))
+            print(f"{spec.label} (questions)", {k: round(v, 4) for k, v in extra_evaluations[-1].means.items()})
+    return evaluations, extra_evaluations
+
+
+def _questions_note(path: str, queries: list[LabelledQuery], corpus) -> str:
+    held_out = sum(all(is_held_out(corpus.titles[i]) for i in q.relevant) for q in queries)
+    return (
+        f'{len(queries)} hand-written questions from `{path}` (e.g. "{queries[0].text}"), each with its gold '
+        f"article(s); {held_out} of them have only held-out gold articles."
+    )
 
 
 def cmd_pretrain(args) -> None:
@@ -168,7 +202,7 @@ def cmd_pretrain(args) -> None:
     if args.no_eval:
         return
     poolings = ("cls", "mean")
-    evaluations = _held_out_evaluations(
+    evaluations, _ = _held_out_evaluations(
         corpus,
         args.cache,
         [ModelSpec(f"pre-trained, {pooling} pooling", str(output), pooling=pooling) for pooling in poolings],
@@ -180,15 +214,45 @@ def cmd_train(args) -> None:
     command = _command_line()
     config = config_from_args(TrainConfig, args)
     corpus = load_corpus(args.corpus)
+    questions_path = args.questions_jsonl or (None if args.corpus else NATURAL_QUESTIONS)
+    questions = load_query_file(questions_path, corpus) if questions_path and not args.no_eval else None
     encoder, report = train_dpr(config, corpus)
     output = save_twin(encoder, config, report)
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
-    evaluations = _held_out_evaluations(
-        corpus, args.cache, [ModelSpec(f"before: {config.base}", config.base), ModelSpec("after", str(output))]
+    write_twin_card(output, command, config, report, corpus, args.cache, questions, questions_path, args.compare)
+
+
+def write_twin_card(
+    output: Path,
+    command: str,
+    config: TrainConfig,
+    report: TrainReport,
+    corpus,
+    cache_directory: str | None,
+    questions: list[LabelledQuery] | None,
+    questions_path: str | Path | None,
+    compare: str | None = None,
+) -> None:
+    """README.md of a trained twin: its base, optionally an earlier twin, and the twin itself on both query sets."""
+    specs = [ModelSpec(f"before: {config.base}", config.base)]
+    if compare:
+        specs.append(ModelSpec(f"previous twin: {compare}", compare))
+    specs.append(ModelSpec("after: this model", str(output)))
+    descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, questions)
+    labels = [spec.label for spec in specs]
+    card = dpr_twin_card(
+        output,
+        command,
+        config,
+        report,
+        dict(zip(labels, descriptions)),
+        len(corpus),
+        dict(zip(labels, answers)) if questions else None,
+        _questions_note(str(questions_path), questions, corpus) if questions else "",
     )
-    (output / "README.md").write_text(dpr_twin_card(output, command, config, report, *evaluations, len(corpus)))
+    (output / "README.md").write_text(card)
 
 
 def cmd_build_index(args) -> None:
@@ -251,6 +315,26 @@ def _rank(rank: int | None) -> str:
     return str(rank) if rank is not None else f">{DEPTH}"
 
 
+def _evaluate_in_chunks(args, pair, corpus, queries: list[LabelledQuery], cache: ResultCache) -> dict[str, Evaluation]:
+    """evaluate --chunk-size / --ray: each model's queries in cached chunks, encoded here or on Ray actors."""
+    evaluations = {}
+    for (name, encoder), spec in zip(pair.models.items(), (pair.spec.a, pair.spec.b)):
+        index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        with tqdm(total=len(queries), desc=f"model {name}: queries (chunks cached)", unit="query") as bar:
+            evaluations[name] = evaluate_encoder_chunked(
+                encoder,
+                index,
+                queries,
+                cache,
+                args.chunk_size or EVALUATION_CHUNK_SIZE,
+                spec=spec if args.ray else None,
+                address=args.ray,
+                workers=args.ray_workers,
+                progress=_bar_progress(bar),
+            )
+    return evaluations
+
+
 def cmd_evaluate(args) -> None:
     corpus = load_corpus(args.corpus)
     if args.queries_jsonl:
@@ -262,15 +346,18 @@ def cmd_evaluate(args) -> None:
     cache = ResultCache(args.cache)
     bars = {}
     started = time.perf_counter()
-    evaluations = evaluate_pair(
-        pair,
-        corpus,
-        queries,
-        cache,
-        progress=lambda name, done, total: bars.setdefault(name, _tqdm_progress(f"indexing for model {name}"))(
-            done, total
-        ),
-    )
+    if args.ray or args.chunk_size:
+        evaluations = _evaluate_in_chunks(args, pair, corpus, queries, cache)
+    else:
+        evaluations = evaluate_pair(
+            pair,
+            corpus,
+            queries,
+            cache,
+            progress=lambda name, done, total: bars.setdefault(name, _tqdm_progress(f"indexing for model {name}"))(
+                done, total
+            ),
+        )
     print(
         f"{len(queries)} queries ({source}) over {len(corpus)} passages, "
         f"{time.perf_counter() - started:.1f} s. Mean [95% bootstrap interval]:"
@@ -405,12 +492,104 @@ def cmd_token_ig(args) -> None:
             f"{time.perf_counter() - started:.1f} s; largest completeness delta {worst.relative_delta:.2%}"
         )
         print("  query: " + "  ".join(f"{w.text} {w.score:+.4f}" for w in result.query_total.words()))
-        table = word_sums([p.passage for p in result.pairs], drop_stopwords=True)
-        for label, rows in (
-            ("positive", table[table.total > 0].head(args.words)),
-            ("negative", table[table.total < 0].tail(args.words)[::-1]),
-        ):
-            print(f"  {label} passage words: " + ", ".join(f"{w} {t:+.3f}" for w, t in zip(rows.word, rows.total)))
+        _print_words(word_sums([p.passage for p in result.pairs], drop_stopwords=True), args.words, "passage")
+
+
+def _print_words(table: pd.DataFrame, count: int, side: str) -> None:
+    for label, rows in (
+        ("positive", table[table.total > 0].head(count)),
+        ("negative", table[table.total < 0].tail(count)[::-1]),
+    ):
+        print(f"  {label} {side} words: " + ", ".join(f"{w} {t:+.3f}" for w, t in zip(rows.word, rows.total)))
+
+
+@dataclass(frozen=True)
+class WordCloudOptions:
+    """word-clouds: token IG of many queries' top passages, merged into corpus-level word tables."""
+
+    queries: int = cli_option(200, "size of the fixed sample of held-out description queries")
+    queries_file: str | None = cli_option(None, "a text file of queries, one per line, instead of the sample")
+    seed: int = cli_option(0, "seed of the sample")
+    drop_stopwords: bool = cli_option(True, "leave stop words and punctuation out of the word tables")
+    words: int = cli_option(10, "words printed per sign, side and model")
+    output: str | None = cli_option(None, "write the word tables to this file: CSV if it ends in .csv, else JSON")
+    json: bool = cli_option(False, "print the word tables as JSON")
+
+
+def _read_queries(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise LensError(f"Query file {file} does not exist.")
+    queries = [clean_query(line) for line in file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    if not any(queries):
+        raise LensError(f"Query file {file} has no queries (one per line).")
+    return [query for query in queries if query]
+
+
+def cmd_word_clouds(args) -> None:
+    options = config_from_args(WordCloudOptions, args)
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus), ResultCache(args.cache)
+    if options.queries_file:
+        queries = _read_queries(options.queries_file)
+    else:
+        queries = [query.text for query in aggregate_sample(corpus, options.queries, options.seed)]
+        if not queries:
+            raise CorpusError(f"Corpus {corpus.name} has no held-out description queries.")
+    settings = ig_settings(args)
+    found, seconds = {}, {}
+    for (name, encoder), spec in zip(pair.models.items(), (pair.spec.a, pair.spec.b)):
+        index = load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        started = time.perf_counter()
+        description = f"model {name}: token IG of the top-{TOP_K} (results cached)"
+        with tqdm(total=len(queries), desc=description, unit="query") as bar:
+            found[name] = word_clouds_chunked(
+                encoder,
+                index,
+                corpus,
+                queries,
+                cache,
+                settings,
+                options.drop_stopwords,
+                args.chunk_size,
+                spec=spec if args.ray else None,
+                address=args.ray,
+                workers=args.ray_workers,
+                progress=_bar_progress(bar),
+            )
+        seconds[name] = time.perf_counter() - started
+    payload = {
+        "queries": len(queries),
+        "top_k": TOP_K,
+        "settings": settings.params(),
+        "drop_stopwords": options.drop_stopwords,
+        "models": {
+            name: {
+                "label": encoder.label,
+                "passage_words": found[name].passage.to_dict("records"),
+                "query_words": found[name].query.to_dict("records"),
+            }
+            for name, encoder in pair.models.items()
+        },
+    }
+    if options.output:
+        output = Path(options.output)
+        if output.suffix == ".csv":
+            tables = {(name, "passage"): words.passage for name, words in found.items()}
+            tables |= {(name, "query"): words.query for name, words in found.items()}
+            pd.concat(tables, names=["model", "side"]).reset_index(["model", "side"]).to_csv(output, index=False)
+        else:
+            output.write_text(json.dumps(_plain(payload), indent=1))
+    if options.json:
+        print(json.dumps(_plain(payload), indent=1))
+        return
+    print(
+        f"Token IG of {len(queries)} queries and each model's top-{TOP_K} passages, word attributions summed over "
+        "all of them" + (f"; tables written to {options.output}" if options.output else "")
+    )
+    for name, encoder in pair.models.items():
+        print(f"model {name} ({encoder.label}), {seconds[name]:.1f} s:")
+        _print_words(found[name].passage, options.words, "passage")
+        _print_words(found[name].query, options.words, "query")
 
 
 def _twin_queries(options: TwinOptions, corpus) -> list[LabelledQuery]:
@@ -741,6 +920,76 @@ def cmd_faithfulness(args) -> None:
     print(agreement.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+REPORT_VIEWS = ("retrieval", "token")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """report: one page's main view as its report button writes it; the options are the page's widgets."""
+
+    view: str = cli_option("retrieval", "the page: Retrieval or Token attributions", choices=REPORT_VIEWS)
+    query: str | None = cli_option(None, "the query (required)")
+    output: str | None = cli_option(None, "the zip file to write (required)")
+    limit: int | None = cli_option(None, "only the first N passages of the corpus, as the app's $DPR_LENS_CORPUS_LIMIT")
+    k: int = cli_option(10, "retrieval: top-k of each model")
+    passage: str | None = cli_option(None, "token: id of the passage of both models (default: each model's top-1)")
+    side: str = cli_option("query", "token: tokens removed by the deletion curves", choices=("query", "passage"))
+    k_max: int = cli_option(10, "token: K, tokens removed by the deletion curves")
+    drop_stopwords: bool = cli_option(True, "token: leave stop words and punctuation out of the word tables")
+
+
+def _token_report(pair, corpus, cache, indexes, options: ReportOptions, settings: IGSettings):
+    """The token page's main view: each model's top passages, chosen passage and deletion curve."""
+    passage = _passage_index(corpus, options.passage)
+    analyses, chosen, chosen_pairs, curves = {}, {}, {}, {}
+    for name, encoder in pair.models.items():
+        ranking = retrieve(encoder, indexes[name], corpus, options.query, TOP_K, cache=cache)
+        query = ranking.query.text
+        analyses[name] = cached_ranking(
+            cache, encoder, corpus, query, ranking.indices, settings, _tqdm_progress(f"model {name}: token IG")
+        )
+        chosen[name] = ranking.indices[0] if passage is None else passage
+        chosen_pairs[name] = analyses[name].pair_for(chosen[name]) or cached_pair(
+            cache, encoder, query, corpus.titles[chosen[name]], corpus.texts[chosen[name]], settings
+        )
+        curves[name] = cached_deletion_curve(
+            cache, encoder, chosen_pairs[name], options.side, k_max=options.k_max, settings=settings
+        )
+    return token_bundle(
+        pair,
+        corpus,
+        settings,
+        analyses,
+        chosen,
+        chosen_pairs,
+        curves,
+        options.side,
+        options.k_max,
+        options.drop_stopwords,
+    )
+
+
+def cmd_report(args) -> None:
+    options = config_from_args(ReportOptions, args)
+    if not options.query or not options.output:
+        raise LensError("Give the query with --query and the zip file with --output.")
+    pair, corpus, cache = load_pair(args.pair), load_corpus(args.corpus, options.limit), ResultCache(args.cache)
+    indexes = {
+        name: load_index(encoder, corpus, cache, progress=_tqdm_progress(f"indexing for model {name}"))
+        for name, encoder in pair.models.items()
+    }
+    if options.view == "retrieval":
+        rankings = {
+            name: retrieve(encoder, indexes[name], corpus, options.query, options.k, cache=cache)
+            for name, encoder in pair.models.items()
+        }
+        bundle = retrieval_bundle(pair, corpus, rankings, options.k)
+    else:
+        bundle = _token_report(pair, corpus, cache, indexes, options, ig_settings(args))
+    Path(options.output).write_bytes(build_zip(bundle))
+    print(f"wrote {options.output}: {bundle.title}")
+
+
 def _command(commands, name: str, help: str, func) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help, description=help, formatter_class=HelpWithDefaults)
     parser.set_defaults(func=func)
@@ -761,6 +1010,21 @@ def _add_pair_and_corpus(parser: argparse.ArgumentParser, corpus_help: str = COR
     parser.add_argument("--corpus", help=corpus_help)
 
 
+def _add_ray_options(
+    parser: argparse.ArgumentParser, work: str, chunk_size: int | None, chunk_help: str, per: str = "CPU"
+) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"{work} on Ray actors: a local Ray without ADDRESS, else the cluster at ADDRESS "
+        "(each chunk cached: a killed job resumes)",
+    )
+    parser.add_argument("--chunk-size", type=int, default=chunk_size, help=chunk_help)
+    parser.add_argument("--ray-workers", type=int, help=f"Ray actors (default: one per {per})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     parser.add_argument("--cache", help="cache directory (default: $DPR_LENS_CACHE or ~/.cache/dpr-lens)")
@@ -775,6 +1039,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, TrainConfig)
     train.add_argument("--corpus", help=CORPUS_HELP)
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and card")
+    train.add_argument(
+        "--questions-jsonl",
+        help=f"labelled queries also scored on the card (default: {NATURAL_QUESTIONS} on the bundled corpus)",
+    )
+    train.add_argument("--compare", metavar="MODEL", help="an earlier twin to show on the card too (e.g. a copy)")
 
     build = _command(commands, "build-index", "encode the corpus for both models of a pair", cmd_build_index)
     _add_pair_and_corpus(build)
@@ -802,13 +1071,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_and_corpus(evaluate)
     evaluate.add_argument(
         "--queries-jsonl",
-        help='labelled queries, one {"query": ..., "gold_ids": [...]} per line '
-        "(default: held-out description -> article queries)",
+        help='labelled queries, one {"query": ..., "gold_ids": [...]} per line, e.g. '
+        f"{NATURAL_QUESTIONS} (default: held-out description -> article queries)",
     )
     evaluate.add_argument(
         "--win-at", type=int, default=1, help="a query counts as right when a relevant passage is in the top k"
     )
     evaluate.add_argument("--show", type=int, default=10, help="queries listed per side of the wins/losses")
+    _add_ray_options(
+        evaluate,
+        "encode chunks of queries",
+        None,
+        f"evaluate in cached chunks of N queries, rounded up to whole batches of {QUERY_BATCH} (a killed run "
+        f"resumes; default with --ray: {EVALUATION_CHUNK_SIZE})",
+    )
 
     probe = _command(commands, "probe", "layer-wise linear probing, like Table 1 of arXiv 2402.11035", cmd_probe)
     _add_pair_and_corpus(probe, DESCRIBED_CORPUS_HELP)
@@ -822,16 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pair_and_corpus(neurons, DESCRIBED_CORPUS_HELP)
     add_config_arguments(neurons, AggregateOptions)
-    neurons.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="attribute chunks of queries on Ray actors: a local Ray without ADDRESS, else the "
-        "cluster at ADDRESS (each chunk cached: a killed job resumes)",
-    )
-    neurons.add_argument("--chunk-size", type=int, default=50, help="queries per Ray chunk")
-    neurons.add_argument("--ray-workers", type=int, help="Ray actors (default: one per CPU)")
+    _add_ray_options(neurons, "attribute chunks of queries", 50, "queries per Ray chunk")
 
     token_ig = _command(
         commands,
@@ -844,6 +1111,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_and_corpus(token_ig)
     add_config_arguments(token_ig, IGSettings, IG_OPTIONS, exclude=("start_substitution",))
     token_ig.add_argument("--words", type=int, default=10, help="words printed per sign")
+
+    word_clouds = _command(
+        commands,
+        "word-clouds",
+        f"token IG of many queries and both models' top-{TOP_K} passages (fills the cache the token page reads), "
+        "word attributions summed over all queries",
+        cmd_word_clouds,
+    )
+    _add_pair_and_corpus(word_clouds, DESCRIBED_CORPUS_HELP)
+    add_config_arguments(word_clouds, WordCloudOptions)
+    add_config_arguments(word_clouds, IGSettings, IG_OPTIONS, exclude=("start_substitution",))
+    _add_ray_options(word_clouds, "attribute chunks of queries", 4, "queries per chunk", per="GPU, else per CPU")
 
     twin_commands = (
         ("patch", "activation patching between the twins, per layer and site", cmd_patch),
@@ -883,6 +1162,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pair_and_corpus(faithfulness, DESCRIBED_CORPUS_HELP)
     add_config_arguments(faithfulness, FaithfulnessOptions)
+    report = _command(
+        commands,
+        "report",
+        "a zip of one page's main view, as its report button writes it: figures (PNG, SVG), data (CSV, JSON), "
+        "settings, fingerprints, package versions and a Markdown summary",
+        cmd_report,
+    )
+    _add_pair_and_corpus(report)
+    add_config_arguments(report, ReportOptions)
+    add_config_arguments(report, IGSettings, IG_OPTIONS, exclude=("start_substitution",))
     return parser
 
 
@@ -892,6 +1181,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         use_device(args.device, args.encode_dtype)
-        args.func(args)
+        # One Ray session for the whole command, opened before any model loads: a bad address fails at once.
+        with ray_session(args.ray) if getattr(args, "ray", None) else nullcontext():
+            args.func(args)
     except LensError as error:
         parser.exit(2, f"error: {error}\n")

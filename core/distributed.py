@@ -1,27 +1,33 @@
-"""Ray jobs: shard encoding (Ray Data map_batches over an actor pool) and the chunked Figure-1 aggregate.
+"""Ray jobs: shard encoding (Ray Data map_batches over an actor pool) and the chunked batch analyses (the
+Figure-1 aggregate, evaluation over many queries, token-IG word clouds over many queries).
 
 Each actor loads its model once and checks the weights' fingerprint against the driver's, so every worker
 computes with the model the cache keys name. Workers read the corpus and write shards on a filesystem the
-driver shares (a local disk for `ray.init()` on one machine, NFS or similar on a cluster); the aggregate's
-workers return their chunk and the driver alone writes the cache.
+driver shares (a local disk for `ray.init()` on one machine, NFS or similar on a cluster); the batch
+analyses' workers return their chunk and the driver alone writes the cache.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from .cache import ResultCache
+from .attribution.results import merge_word_sums
+from .cache import Analysis, ResultCache
 from .corpus import Corpus, LabelledQuery
 from .corpus_stream import CorpusScan
 from .errors import LensError
+from .evaluation import DEPTH, EVALUATION, Evaluation, evaluate_ranked, evaluation_key
 from .ivf import CARD_JSON, INDEX_FILE, IVFSettings, build_ivf
 from .neuron_attribution import (
     DEFAULT_STEPS,
@@ -33,7 +39,8 @@ from .neuron_attribution import (
     top1_passages,
 )
 from .pair import Encoder, ModelLoadError, ModelSpec, load_encoder
-from .retrieval import prepare_query
+from .retrieval import QUERY_BATCH, prepare_query, retrieve
+from .runtime import model_work
 from .shards import (
     BATCH_SIZE,
     ShardDone,
@@ -46,9 +53,19 @@ from .shards import (
     plan_shards,
     shard_params,
 )
+from .token_attribution import (
+    TOP_K,
+    IGSettings,
+    PairAttribution,
+    RankingEntries,
+    TokenAttribution,
+    ranking_parts,
+    word_sums,
+)
 
 LOCAL = "local"
 CORE_DIR = Path(__file__).resolve().parent
+CONNECT_TIMEOUT = 5.0  # seconds
 Progress = Callable[[int, int], None]
 
 
@@ -69,12 +86,30 @@ def ray_session(address: str | None):
     if address in (None, LOCAL):
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     else:
-        # The cluster's workers get this checkout's core package; models and data must be at the same paths there.
-        ray.init(address=address, runtime_env={"py_modules": [str(CORE_DIR)]}, log_to_driver=False)
+        _require_reachable(address)
+        try:
+            # The cluster's workers get this checkout's core package; models and data must be at the same paths.
+            ray.init(address=address, runtime_env={"py_modules": [str(CORE_DIR)]}, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise RayError(f"Cannot use the Ray cluster at {address}: {error}") from error
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _require_reachable(address: str) -> None:
+    """ray.init retries an unreachable cluster for minutes; a plain TCP connection fails within seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" or a malformed address: ray.init rejects these at once
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as error:
+        raise RayError(
+            f"No Ray cluster answers at {address} ({error.strerror or error}); start one with "
+            "`ray start --head` and give its address (HOST:6379), or --ray alone for a local Ray."
+        ) from error
 
 
 def _load_checked(spec: ModelSpec, fingerprint: str, device: str = "cpu") -> Encoder:
@@ -93,13 +128,55 @@ def _worker_threads() -> None:
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
 
 
-def _plan_workers(ray, tasks: int, workers: int | None) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each): one GPU per actor where the cluster has GPUs, else one CPU."""
+def _plan_workers(ray, tasks: int, workers: int | None, use_gpus: bool = True) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each): one GPU per actor where the cluster has GPUs (and use_gpus), else one CPU."""
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
     if gpus:
         return max(1, min(tasks, workers or gpus)), 1.0, 1.0
     return max(1, min(tasks, workers or int(resources.get("CPU", 1)))), 1.0, 0.0
+
+
+class _ChunkWorker:
+    """A Ray actor: the model is loaded once, then `work(encoder, *arguments)` runs for each chunk sent."""
+
+    def __init__(self, spec: ModelSpec, fingerprint: str, work: Callable[..., Any], device: str):
+        _worker_threads()
+        self.encoder = _load_checked(spec, fingerprint, device)
+        self.work = work
+
+    def run(self, number: int, arguments: tuple) -> tuple[int, Any]:
+        return number, self.work(self.encoder, *arguments)
+
+
+def run_chunks(
+    encoder: Encoder,
+    work: Callable[..., Any],
+    arguments: Callable[[int], tuple],
+    todo: Sequence[int],
+    done: Callable[[int, Any], None],
+    spec: ModelSpec | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    use_gpus: bool = False,
+) -> None:
+    """done(n, work(encoder, *arguments(n))) for each chunk n of todo, in the order the chunks finish: in this
+    process, or with `spec` on a pool of Ray actors (one model each). done runs here, on the driver."""
+    if spec is None:
+        for number in todo:
+            done(number, work(encoder, *arguments(number)))
+        return
+    if not todo:
+        return
+    with ray_session(address) as ray:
+        from ray.util import ActorPool
+
+        actors, cpus, gpus = _plan_workers(ray, len(todo), workers, use_gpus)
+        worker = ray.remote(num_cpus=cpus, num_gpus=gpus)(_ChunkWorker)
+        device = "cuda" if gpus else "cpu"
+        pool = ActorPool([worker.remote(spec, encoder.fingerprint, work, device) for _ in range(actors)])
+        for number, result in pool.map_unordered(lambda actor, n: actor.run.remote(n, arguments(n)), todo):
+            done(number, result)
 
 
 # --------------------------------------------------------------------------- shard encoding
@@ -168,16 +245,6 @@ def encode_shards_ray(
 # --------------------------------------------------------------------------- Figure-1 aggregate in chunks
 
 
-class _NeuronWorker:
-    def __init__(self, spec: ModelSpec, fingerprint: str, steps: int):
-        _worker_threads()
-        self.encoder = _load_checked(spec, fingerprint)
-        self.steps = steps
-
-    def run(self, number: int, texts: list[str], passages: list[int], targets: np.ndarray) -> tuple[int, Any]:
-        return number, aggregate_chunk(self.encoder, texts, passages, targets, self.steps)
-
-
 def merge_aggregates(parts: Sequence[NeuronAggregate]) -> NeuronAggregate:
     return NeuronAggregate(
         [q for part in parts for q in part.queries],
@@ -226,27 +293,162 @@ def aggregate_neurons_chunked(
         if progress:
             progress(sum(len(p.queries) for p in parts.values()), len(queries))
 
-    def chunk(number: int) -> tuple[list[str], list[int], np.ndarray]:
+    def chunk(number: int) -> tuple[list[str], list[int], np.ndarray, int]:
         start = bounds[number]
         chosen = passages[start : start + chunk_size]
-        return texts[start : start + chunk_size], chosen, np.stack([index.embeddings[p] for p in chosen])
+        return texts[start : start + chunk_size], chosen, np.stack([index.embeddings[p] for p in chosen]), steps
 
-    if spec is None:
-        for number in todo:
-            done(number, aggregate_chunk(encoder, *chunk(number), steps))
-    elif todo:
-        with ray_session(address) as ray:
-            from ray.util import ActorPool
-
-            actors, cpus, _ = _plan_workers(ray, len(todo), workers)
-            # CPU only: the attribution hooks and tensors of core.neuron_attribution live on the CPU.
-            worker = ray.remote(num_cpus=cpus)(_NeuronWorker)
-            pool = ActorPool([worker.remote(spec, encoder.fingerprint, steps) for _ in range(actors)])
-            for number, part in pool.map_unordered(lambda actor, n: actor.run.remote(n, *chunk(n)), todo):
-                done(number, part)
+    # On CPUs only: the attribution hooks and tensors of core.neuron_attribution live on the CPU.
+    run_chunks(encoder, aggregate_chunk, chunk, todo, done, spec, address, workers)
     merged = merge_aggregates([parts[number] for number in range(len(bounds))])
     cache.set(NEURON_AGGREGATE.namespace, NEURON_AGGREGATE.key(whole_key), merged)
     return merged
+
+
+# --------------------------------------------------------------------------- evaluation in chunks
+
+EVALUATION_CHUNK = Analysis("evaluation_chunk", 1, ("index", "query_model", "queries", "depth"), np.ndarray)
+EVALUATION_CHUNK_SIZE = 1024
+
+
+def _encode_queries(encoder: Encoder, texts: list[str]) -> np.ndarray:
+    return encoder.encode_queries(texts, batch_size=QUERY_BATCH)
+
+
+def evaluate_encoder_chunked(
+    encoder: Encoder,
+    index,
+    queries: Sequence[LabelledQuery],
+    cache: ResultCache,
+    chunk_size: int = EVALUATION_CHUNK_SIZE,
+    spec: ModelSpec | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """`evaluate_encoder` in chunks of queries, each chunk's rankings cached, so a killed job resumes at its
+    missing chunks; with `spec` the chunks' queries are encoded on Ray actors. The result equals
+    `evaluate_encoder`'s and is stored under its key, where the app and `evaluate` find it."""
+    if not queries:
+        raise ValueError("the evaluation needs at least one query")
+    whole_key = evaluation_key(encoder, index, queries)
+    stored = EVALUATION.lookup(cache, **whole_key)
+    if stored is not None:
+        return stored
+    # Chunks are runs of whole batches of the length-sorted queries, the batches `search_queries` encodes: every
+    # query is padded as in `evaluate_encoder`, so the rankings are its rankings.
+    order = np.argsort([-len(q.text) for q in queries], kind="stable")
+    texts = [queries[i].text for i in order]
+    size = QUERY_BATCH * max(1, math.ceil(chunk_size / QUERY_BATCH))
+    chunks = [texts[start : start + size] for start in range(0, len(texts), size)]
+    keys = [
+        {"index": index.params, "query_model": encoder.fingerprint, "queries": chunk, "depth": DEPTH}
+        for chunk in chunks
+    ]
+    parts = {n: found for n, key in enumerate(keys) if (found := EVALUATION_CHUNK.lookup(cache, **key)) is not None}
+
+    def done(number: int, vectors: np.ndarray) -> None:
+        # The driver searches: the index (64 GB of embeddings at 21M passages, or an IVF index memory-mapped from
+        # the driver's disk) stays where it is, and a chunk's query vectors are a few MB.
+        _, parts[number] = index.search(vectors, DEPTH)
+        cache.set(EVALUATION_CHUNK.namespace, EVALUATION_CHUNK.key(keys[number]), parts[number])
+        if progress:
+            progress(sum(len(part) for part in parts.values()), len(queries))
+
+    todo = [number for number in range(len(chunks)) if number not in parts]
+    run_chunks(encoder, _encode_queries, lambda n: (chunks[n],), todo, done, spec, address, workers)
+    ranked = np.empty((len(queries), parts[0].shape[1]), dtype=parts[0].dtype)
+    ranked[order] = np.concatenate([parts[number] for number in range(len(chunks))])
+    evaluation = evaluate_ranked(encoder.label, ranked, queries)
+    cache.set(EVALUATION.namespace, EVALUATION.key(whole_key), evaluation)
+    return evaluation
+
+
+# --------------------------------------------------------------------------- token-IG word clouds over many queries
+
+
+@dataclass(frozen=True)
+class CorpusWords:
+    """Word tables (`word_sums` columns) summed over many queries' top-TOP_K passages: the passages' words, as the
+    token page's clouds sum them, and the queries' words (each query's attribution summed over its passages)."""
+
+    queries: int
+    passage: pd.DataFrame
+    query: pd.DataFrame
+
+
+@model_work
+def _attribute_rankings(
+    encoder: Encoder, requests: Sequence[tuple], settings: IGSettings
+) -> list[tuple[TokenAttribution | None, list[PairAttribution]]]:
+    """`ranking_parts` of each (query, titles, texts, with_total, pair_rows) request of a chunk."""
+    return [ranking_parts(encoder, *request, settings) for request in requests]
+
+
+def word_clouds_chunked(
+    encoder: Encoder,
+    index,
+    corpus: Corpus,
+    queries: Sequence[str],
+    cache: ResultCache,
+    settings: IGSettings = IGSettings(),
+    drop_stopwords: bool = True,
+    chunk_size: int = 4,
+    spec: ModelSpec | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> CorpusWords:
+    """Token IG of each query's top-TOP_K passages as the token page computes it, every result stored under the
+    page's key (the retrieval, the query total, each (query, passage) pair): the page then shows these queries at
+    once, and a killed job resumes at the results it misses. Queries with missing results run in chunks, here or,
+    with `spec`, on Ray actors; the word tables are merged over all queries in their order."""
+    rankings = [retrieve(encoder, index, corpus, text, TOP_K, cache=cache) for text in queries]
+    entries = [RankingEntries.of(encoder, corpus, r.query.text, r.indices, settings) for r in rankings]
+    tables: dict[int, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    incomplete: dict[int, tuple[TokenAttribution | None, list[PairAttribution | None]]] = {}
+
+    def add_tables(position: int, query_total: TokenAttribution, pairs: Sequence[PairAttribution]) -> None:
+        passage_words = word_sums([pair.passage for pair in pairs], drop_stopwords)
+        tables[position] = passage_words, word_sums([query_total], drop_stopwords)
+        if progress:
+            progress(len(tables), len(queries))
+
+    def missing(pairs: Sequence[PairAttribution | None]) -> list[int]:
+        return [n for n, pair in enumerate(pairs) if pair is None]
+
+    def request(position: int) -> tuple:
+        (query_total, pairs), indices = incomplete[position], rankings[position].indices
+        titles, texts = [corpus.titles[i] for i in indices], [corpus.texts[i] for i in indices]
+        return rankings[position].query.text, titles, texts, query_total is None, missing(pairs)
+
+    def chunk_arguments(number: int) -> tuple:
+        return [request(position) for position in chunks[number]], settings
+
+    def done(number: int, results: list) -> None:
+        for position, (computed_total, computed) in zip(chunks[number], results):
+            query_total, pairs = incomplete.pop(position)
+            rows = missing(pairs)
+            entries[position].store(cache, computed_total, dict(zip(rows, computed)))
+            for n, pair in zip(rows, computed):
+                pairs[n] = pair
+            add_tables(position, query_total if computed_total is None else computed_total, pairs)
+
+    for position, entry in enumerate(entries):  # only the incomplete ones are kept: a query's pairs are large
+        query_total, pairs = entry.stored(cache)
+        if query_total is None or None in pairs:
+            incomplete[position] = query_total, pairs
+        else:
+            add_tables(position, query_total, pairs)
+    positions = sorted(incomplete)
+    chunks = [positions[start : start + chunk_size] for start in range(0, len(positions), chunk_size)]
+    run_chunks(
+        encoder, _attribute_rankings, chunk_arguments, range(len(chunks)), done, spec, address, workers, use_gpus=True
+    )
+    ordered = [tables[position] for position in range(len(queries))]
+    return CorpusWords(
+        len(queries), merge_word_sums(words for words, _ in ordered), merge_word_sums(words for _, words in ordered)
+    )
 
 
 # --------------------------------------------------------------------------- build-index --shards

@@ -71,6 +71,15 @@ def evaluate_ranked(label: str, ranked: np.ndarray, queries: Sequence[LabelledQu
     )
 
 
+def evaluation_key(encoder: Encoder, index: DenseIndex, queries: Sequence[LabelledQuery]) -> dict:
+    return {
+        "index": index.params,
+        "query_model": encoder.fingerprint,
+        "queries": [(q.text, sorted(q.relevant)) for q in queries],
+        "depth": DEPTH,
+    }
+
+
 def evaluate_encoder(
     encoder: Encoder,
     corpus: Corpus,
@@ -85,14 +94,7 @@ def evaluate_encoder(
         _, ranked = search_queries(encoder, index, [q.text for q in queries], DEPTH)
         return evaluate_ranked(encoder.label, ranked, queries)
 
-    return EVALUATION.get_or_compute(
-        cache,
-        compute,
-        index=index.params,
-        query_model=encoder.fingerprint,
-        queries=[(q.text, sorted(q.relevant)) for q in queries],
-        depth=DEPTH,
-    )
+    return EVALUATION.get_or_compute(cache, compute, **evaluation_key(encoder, index, queries))
 
 
 def evaluate_pair(

@@ -58,13 +58,13 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
 
 
 def _plain(value):
-    """JSON-ready: arrays and tuples as lists, NaN as null."""
+    """JSON-ready: arrays and tuples as lists, NaN and infinities as null."""
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
         return [_plain(item) for item in value]
     if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     return value.item() if isinstance(value, np.generic) else value
 
 

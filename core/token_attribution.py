@@ -40,6 +40,7 @@ from .attribution.results import (
     Word,
     cloud_weights,
     is_stopword,
+    token_rows,
     word_sums,
 )
 from .cache import Analysis, ResultCache, cache_key
@@ -61,6 +62,7 @@ __all__ = [
     "PairAttribution",
     "Quadrature",
     "RankingAttribution",
+    "RankingEntries",
     "SinhSubstitution",
     "Token",
     "TokenAttribution",
@@ -78,6 +80,8 @@ __all__ = [
     "pad_baseline",
     "passage_embeddings",
     "ranking_params",
+    "ranking_parts",
+    "token_rows",
     "word_sums",
 ]
 
@@ -209,7 +213,7 @@ def attribute_pair(
     )
 
 
-def _ranking_parts(
+def ranking_parts(
     encoder: Encoder,
     query: str,
     titles: Sequence[str],
@@ -272,7 +276,7 @@ def attribute_ranking(
     """
     if not titles:
         raise AttributionError("There are no passages to attribute.")
-    query_total, pairs = _ranking_parts(encoder, query, titles, texts, True, range(len(titles)), settings, progress)
+    query_total, pairs = ranking_parts(encoder, query, titles, texts, True, range(len(titles)), settings, progress)
     return RankingAttribution(tuple(int(i) for i in passage_indices), query_total, tuple(pairs))
 
 
@@ -311,6 +315,42 @@ def ranking_params(
     }
 
 
+@dataclass(frozen=True)
+class RankingEntries:
+    """The cache entries a ranking is assembled from: the query total, kept under the set of passages, and one
+    pair per passage, found again whatever ranking it came in."""
+
+    total_key: dict
+    pair_keys: tuple[dict, ...]
+
+    @classmethod
+    def of(
+        cls, encoder: Encoder, corpus: Corpus, query: str, passage_indices: Sequence[int], settings: IGSettings
+    ) -> RankingEntries:
+        indices = [int(i) for i in passage_indices]
+        total_key = {
+            "model": encoder.fingerprint,
+            "corpus": corpus.fingerprint,
+            "query": query,
+            "passages": sorted(set(indices)),
+            "settings": settings.params(),
+        }
+        pair_keys = tuple(_pair_key(encoder, query, corpus.titles[i], corpus.texts[i], settings) for i in indices)
+        return cls(total_key, pair_keys)
+
+    def stored(self, cache: ResultCache) -> tuple[TokenAttribution | None, list[PairAttribution | None]]:
+        return QUERY_TOTAL.lookup(cache, **self.total_key), [PAIR.lookup(cache, **key) for key in self.pair_keys]
+
+    def store(
+        self, cache: ResultCache, query_total: TokenAttribution | None, pairs: dict[int, PairAttribution]
+    ) -> None:
+        """Computed parts: the query total (None: not computed) and the pairs by rank position."""
+        if query_total is not None:
+            cache.set(QUERY_TOTAL.namespace, QUERY_TOTAL.key(self.total_key), query_total)
+        for position, pair in pairs.items():
+            cache.set(PAIR.namespace, PAIR.key(self.pair_keys[position]), pair)
+
+
 def cached_ranking(
     cache: ResultCache,
     encoder: Encoder,
@@ -329,38 +369,25 @@ def cached_ranking(
     if not indices:
         raise AttributionError("There are no passages to attribute.")
     titles, texts = [corpus.titles[i] for i in indices], [corpus.texts[i] for i in indices]
-    pair_keys = [_pair_key(encoder, query, title, text, settings) for title, text in zip(titles, texts)]
-    total_key = {
-        "model": encoder.fingerprint,
-        "corpus": corpus.fingerprint,
-        "query": query,
-        "passages": sorted(set(indices)),
-        "settings": settings.params(),
-    }
-
-    def stored() -> tuple[TokenAttribution | None, list[PairAttribution | None]]:
-        return QUERY_TOTAL.lookup(cache, **total_key), [PAIR.lookup(cache, **key) for key in pair_keys]
+    entries = RankingEntries.of(encoder, corpus, query, indices, settings)
 
     def assembled(query_total: TokenAttribution, pairs: Sequence[PairAttribution]) -> RankingAttribution:
         return RankingAttribution(tuple(indices), query_total, tuple(pairs))
 
-    query_total, pairs = stored()
+    query_total, pairs = entries.stored(cache)
     if query_total is not None and None not in pairs:
         return assembled(query_total, pairs)
 
     def compute_missing() -> RankingAttribution:
-        query_total, pairs = stored()  # a job that finished while this one was queued may have stored some
+        query_total, pairs = entries.stored(cache)  # a job that finished while this one was queued may have stored some
         missing = [n for n, pair in enumerate(pairs) if pair is None]
-        computed_total, computed = _ranking_parts(
+        computed_total, computed = ranking_parts(
             encoder, query, titles, texts, query_total is None, missing, settings, progress
         )
-        if computed_total is not None:
-            query_total = computed_total
-            cache.set(QUERY_TOTAL.namespace, QUERY_TOTAL.key(total_key), query_total)
+        entries.store(cache, computed_total, dict(zip(missing, computed)))
         for n, pair in zip(missing, computed):
             pairs[n] = pair
-            cache.set(PAIR.namespace, PAIR.key(pair_keys[n]), pair)
-        return assembled(query_total, pairs)
+        return assembled(query_total if computed_total is None else computed_total, pairs)
 
     request = cache_key("token_ig_ranking", ranking_params(encoder, corpus, query, indices, settings))
     return model_scheduler().run(compute_missing, key=f"{cache.directory}|{request}")

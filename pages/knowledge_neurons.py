@@ -3,6 +3,7 @@ carry the query-passage score, over many queries (Figure 1), and what zeroing th
 
 import streamlit as st
 
+from core.bundles import neurons_bundle
 from core.cloze import ClozeError, fill_in_blank
 from core.corpus import Corpus
 from core.neuron_attribution import (
@@ -21,6 +22,7 @@ from ui import neuron_views as views
 from ui.frame import run_page
 from ui.jobs import activity
 from ui.render import escape
+from ui.reports import report_button
 from ui.state import (
     cloze_model,
     query_box,
@@ -88,6 +90,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         analysed = {name: analyse(name, tower) for name in pair.models}
 
     attributions = {name: result.attribution for name, result in analysed.items()}
+    figures, tables, aggregates = {}, {}, None
     st.caption(f"Query: {escape(analysed['A'].query)}")
     columns = st.columns(2)
     for column, (name, encoder) in zip(columns, pair.models.items()):
@@ -105,6 +108,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             metrics[1].metric("Strongly activated: output", strong["output"])
             chart = views.attribution_heatmaps(result.attribution, threshold, f"Model {name}")
             st.altair_chart(chart)
+            figures[f"neurons-{name}"] = chart.to_dict()
             st.download_button(
                 f"Heatmaps of {name} (PNG)",
                 views.png_bytes(chart),
@@ -115,12 +119,16 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             )
 
     counts = {name: attribution.layer_counts(threshold) for name, attribution in attributions.items()}
-    st.altair_chart(views.layer_count_chart(counts, f"Neurons above t = {threshold:.3f} per layer, A vs B"))
-    totals = views.layer_count_frame(counts).groupby(["model", "site"])["neurons"].sum().unstack()
+    chart = views.layer_count_chart(counts, f"Neurons above t = {threshold:.3f} per layer, A vs B")
+    st.altair_chart(chart)
+    figures["layer-counts"] = chart.to_dict()
+    tables["layer-counts"] = views.layer_count_frame(counts)
+    totals = tables["layer-counts"].groupby(["model", "site"])["neurons"].sum().unstack()
     st.dataframe(totals.rename_axis(columns=None), width="content")
+    tables["neurons"] = views.attribution_table(attributions, threshold)
     st.download_button(
         "All neuron attributions (CSV)",
-        views.attribution_table(attributions, threshold).to_csv(index=False),
+        tables["neurons"].to_csv(index=False),
         "neuron-attributions.csv",
         "text/csv",
         on_click="ignore",
@@ -128,7 +136,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
     )
     with st.expander("Completeness: Σ attributions vs s(x) − s(α=0), per layer and site"):
         st.caption(f"A Riemann sum with m = {steps} steps; the delta shrinks as m grows.")
-        st.dataframe(views.completeness_table(attributions), hide_index=True)
+        tables["completeness"] = views.completeness_table(attributions)
+        st.dataframe(tables["completeness"], hide_index=True)
 
     st.header("Figure 1: neurons over many queries")
     if not any(corpus.descriptions):
@@ -160,6 +169,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                     with column:
                         chart = views.aggregate_heatmaps(aggregate, threshold, f"Model {name}")
                         st.altair_chart(chart)
+                        figures[f"figure1-{name}"] = chart.to_dict()
                         st.download_button(
                             f"Figure 1 of {name} (PNG)",
                             views.png_bytes(chart),
@@ -169,7 +179,10 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                             key=f"kn_f1_{name}",
                         )
                 labels = {name: aggregate.layer_counts(threshold) for name, aggregate in aggregates.items()}
-                st.altair_chart(views.layer_count_chart(labels, "Neurons above threshold in at least one query"))
+                chart = views.layer_count_chart(labels, "Neurons above threshold in at least one query")
+                st.altair_chart(chart)
+                figures["figure1-layer-counts"] = chart.to_dict()
+                tables["figure1-layer-counts"] = views.layer_count_frame(labels)
                 strong = {
                     name: {
                         site: float(values.mean()) for site, values in aggregate.strongly_activated(threshold).items()
@@ -185,7 +198,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 )
                 st.download_button(
                     "Per-layer counts (CSV)",
-                    views.layer_count_frame(labels).to_csv(index=False),
+                    tables["figure1-layer-counts"].to_csv(index=False),
                     "figure1-layer-counts.csv",
                     "text/csv",
                     on_click="ignore",
@@ -211,7 +224,10 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             name: suppression_curve(pair.models[name], indexes[name], query_side[name], curve_ks(max_k))
             for name in pair.models
         }
-    st.altair_chart(views.suppression_chart(curves, "Rank of the passage as more neurons are zeroed"))
+    chart = views.suppression_chart(curves, "Rank of the passage as more neurons are zeroed")
+    st.altair_chart(chart)
+    figures["suppression"] = chart.to_dict()
+    tables["suppression"] = views.suppression_frame(curves)
     titles = [
         {
             "model": name,
@@ -224,6 +240,19 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         if k in (curve.ks[0], curve.ks[-1])
     ]
     st.dataframe(titles, hide_index=True)
+    shown = aggregates if aggregates and all(aggregates.values()) else None
+    settings = {
+        "tower": tower,
+        "target": "selected passage" if passage is not None else "each model's own top-1",
+        "threshold": threshold,
+        "steps": steps,
+        "max_k": max_k,
+        "figure1_queries": len(shown["A"].queries) if shown else None,
+    }
+    report_button(
+        neurons_bundle(pair, corpus, analysed, threshold, curves, shown, settings, figures, tables),
+        key="kn_report",
+    )
 
     clozes = {name: cloze_model(encoder) for name, encoder in pair.models.items()}
     if any(clozes.values()):

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from core.bundles import evaluation_bundle, probing_bundle
 from core.corpus import Corpus, description_queries, split_indices
 from core.evaluation import (
     A_WINS,
@@ -25,10 +26,12 @@ from ui.probing_views import (
     metrics_table,
     outcomes_frame,
     probe_chart,
+    probe_frame,
     probe_table,
     rank_note,
 )
 from ui.render import escape
+from ui.reports import report_button
 from ui.state import require_indexes, result_cache, select_passage
 
 HELD_OUT, USER_QUERIES = "Held-out description → article", "My labelled queries (JSONL)"
@@ -45,7 +48,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
     )
 
     def labelled_queries():
-        """The chosen query set, or a message and None."""
+        """The chosen query set and where it comes from, or a message and None."""
         source = st.radio("Queries", [HELD_OUT, USER_QUERIES], horizontal=True, key="eval_queries")
         if source == HELD_OUT:
             if not corpus.descriptions:
@@ -59,7 +62,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 f"{len(queries)} queries: the description of each held-out article (never trained on), "
                 "relevant = that article and any article with the same description."
             )
-            return queries
+            return queries, HELD_OUT
         uploaded = st.file_uploader("JSONL file of labelled queries", type=["jsonl", "json", "txt"], key="eval_file")
         pasted = st.text_area(
             "…or paste JSONL lines",
@@ -76,15 +79,16 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             st.info("Upload or paste labelled queries to evaluate both models on them.")
             return None
         try:
-            return parse_query_lines(text.splitlines(), corpus, name)
+            return parse_query_lines(text.splitlines(), corpus, name), name
         except QueryFileError as error:
             st.error(escape(str(error)))
             return None
 
     def evaluation_section() -> None:
-        queries = labelled_queries()
-        if queries is None:
+        labelled = labelled_queries()
+        if labelled is None:
             return
+        queries, source = labelled
         indexes = require_indexes(pair, corpus)
         with activity(f"Retrieving the top 100 for {len(queries)} queries with both models"):
             evaluations = evaluate_pair(pair, corpus, queries, result_cache(), indexes)
@@ -93,12 +97,14 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             "Mean over queries with a 95% bootstrap interval (1,000 resamples of the queries); "
             "B − A is paired: both models resampled on the same queries."
         )
+        metrics = metrics_table(evaluations)
         st.dataframe(
-            metrics_table(evaluations),
+            metrics,
             hide_index=True,
             column_config={name: st.column_config.NumberColumn(format="%.3f") for name in ("A", "B", "B - A")},
         )
-        st.altair_chart(metrics_chart(evaluations, labels), height=440)
+        chart = metrics_chart(evaluations, labels)
+        st.altair_chart(chart, height=440)
 
         st.subheader("Per-query wins and losses of B vs A")
         left, right = st.columns([1, 3])
@@ -119,6 +125,20 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             ]
         st.dataframe(shown.drop(columns="position"), hide_index=True)
         st.caption(f"{len(shown)} of {len(frame)} queries. {rank_note()}")
+        report_button(
+            evaluation_bundle(
+                pair,
+                corpus,
+                source,
+                evaluations,
+                outcomes,
+                int(k),
+                {"outcomes_shown": chosen, "contains": contains},
+                {"metrics": chart.to_dict()},
+                {"metrics": metrics, "outcomes": frame.drop(columns="position")},
+            ),
+            key="eval_report",
+        )
         if shown.empty:
             return
         pick = st.selectbox(
@@ -207,7 +227,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in layer_columns},
         )
         n = st.selectbox("Chart for N =", result.config["ns"], key="probe_chart_n")
-        st.altair_chart(probe_chart(result, int(n), kinds), height=560)
+        chart = probe_chart(result, int(n), kinds)
+        st.altair_chart(chart, height=560)
         note = (
             "Shaded: 95% bootstrap interval over held-out queries. Dashed grey: chance (1/N). The probe on the "
             "passage alone shows what is solvable without the query (positives and hard negatives differ in kind), "
@@ -216,6 +237,17 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         if any(encoder.query.pooling != "mean" for encoder in pair.models.values()):
             note += " With CLS pooling, layer 0 is the same vector for every text, so it sits at chance."
         st.caption(note)
+        report_button(
+            probing_bundle(
+                pair,
+                corpus,
+                result,
+                {"rows": kinds, "chart_n": int(n)},
+                {f"probing-N{n}": chart.to_dict()},
+                {"table-1": table, "probing": probe_frame(result)},
+            ),
+            key="probe_report",
+        )
 
     if section == "Retrieval evaluation":
         evaluation_section()

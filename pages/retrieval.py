@@ -1,14 +1,15 @@
 """Home: both models' top-k passages for the query, side by side, and how much they agree."""
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
+from core.bundles import retrieval_bundle
 from core.corpus import Corpus
+from core.figures import rank_shift_chart, shared_ranks_frame
 from core.pair import ModelPair
 from core.retrieval import MAX_K, compare_rankings, retrieve
 from ui.frame import run_page
 from ui.render import STYLE, hit_card
+from ui.reports import report_button
 from ui.state import (
     query_box,
     require_indexes,
@@ -72,26 +73,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             st.markdown("".join(cards), unsafe_allow_html=True)
 
     if overlap.shared:
-        rows = []
-        for index in overlap.shared:
-            rank_a = rankings["A"].indices.index(index) + 1
-            rank_b = rankings["B"].indices.index(index) + 1
-            rows += [
-                {"passage": corpus.titles[index], "model": "A", "rank": rank_a},
-                {"passage": corpus.titles[index], "model": "B", "rank": rank_b},
-            ]
-        chart = (
-            alt.Chart(pd.DataFrame(rows))
-            .mark_line(point=True)
-            .encode(
-                x=alt.X("model:N", title=None),
-                y=alt.Y("rank:Q", scale=alt.Scale(reverse=True), title="rank"),
-                color=alt.Color("passage:N", legend=None),
-                tooltip=["passage:N", "model:N", "rank:Q"],
-            )
-            .properties(title="Rank of passages retrieved by both models", height=260)
-        )
-        st.altair_chart(chart, use_container_width=True)
+        st.altair_chart(rank_shift_chart(shared_ranks_frame(rankings, overlap)), width="stretch")
+    report_button(retrieval_bundle(pair, corpus, rankings, int(k)), key="retrieval_report")
 
     current = selected_passage(corpus)
     union = list(

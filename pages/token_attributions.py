@@ -2,7 +2,9 @@
 
 import streamlit as st
 
+from core.bundles import token_bundle
 from core.corpus import Corpus
+from core.figures import deletion_chart, deletion_frame
 from core.pair import ModelPair
 from core.retrieval import retrieve
 from core.runtime import report_progress
@@ -23,14 +25,14 @@ from core.token_attribution import (
 )
 from ui.frame import run_page
 from ui.jobs import activity
-from ui.method_views import methods_section, pairs_section, report_button
+from ui.method_views import methods_section, pairs_section
+from ui.reports import report_button
 from ui.state import query_box, require_indexes, result_cache, selected_passage
 from ui.token_views import (
     STYLE,
     attribution_frame,
     attribution_json,
     cloud_png,
-    deletion_chart,
     legend_html,
     show_tokens,
     steps_text,
@@ -109,7 +111,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
     st.markdown(STYLE, unsafe_allow_html=True)
     st.markdown(legend_html(), unsafe_allow_html=True)
     selected = selected_passage(corpus)
-    chosen_pairs = {}
+    chosen, chosen_pairs = {}, {}
     for column, (name, encoder) in zip(st.columns(2), pair.models.items()):
         with column:
             st.subheader(f"{name}: {encoder.label}")
@@ -129,15 +131,17 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 ),
                 key=f"token_ig_passage_{name}",
             )
-            chosen = analyses[name].pair_for(choice)
-            if chosen is None:
+            chosen[name] = choice
+            chosen_pairs[name] = analyses[name].pair_for(choice)
+            if chosen_pairs[name] is None:
                 with activity(f"Model {name}: Integrated Gradients for this passage"):
-                    chosen = cached_pair(cache, encoder, query, corpus.titles[choice], corpus.texts[choice], settings)
-            chosen_pairs[name] = chosen
+                    chosen_pairs[name] = cached_pair(
+                        cache, encoder, query, corpus.titles[choice], corpus.texts[choice], settings
+                    )
             st.markdown("**Query, for this passage**")
-            show_tokens(chosen.query)
+            show_tokens(chosen_pairs[name].query)
             st.markdown("**Passage**")
-            show_tokens(chosen.passage)
+            show_tokens(chosen_pairs[name].passage)
 
     st.header(f"Words over the top-{TOP_K} passages")
     st.caption(
@@ -204,7 +208,11 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             curves[name] = cached_deletion_curve(
                 cache, encoder, chosen_pairs[name], side, k_max=int(k_max), settings=settings
             )
-    st.altair_chart(deletion_chart(curves), width="stretch")
+    st.altair_chart(deletion_chart(deletion_frame(curves)), width="stretch")
+    report_button(
+        token_bundle(pair, corpus, settings, analyses, chosen, chosen_pairs, curves, side, int(k_max), drop_stopwords),
+        key="token_ig_report",
+    )
 
     bundle = methods_section(pair, corpus, cache, indexes, query, settings, int(k_max))
     if bundle is not None:

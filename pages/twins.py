@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
+from core.bundles import TwinResults, twins_bundle
 from core.cka import layer_similarity
 from core.corpus import Corpus, LabelledQuery
 from core.errors import LensError
@@ -25,6 +26,7 @@ from ui import twin_views as views
 from ui.frame import run_page
 from ui.jobs import activity
 from ui.render import escape
+from ui.reports import report_button
 from ui.state import query_box, require_indexes, result_cache
 
 
@@ -57,6 +59,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         key="tw_threshold",
     )
     steps = right.select_slider("Riemann steps m", [5, 10, 20, 30, 50], value=DEFAULT_STEPS, key="tw_steps")
+    computed, settings, figures, tables = TwinResults(), {"threshold": threshold, "steps": steps}, {}, {}
 
     st.header("Activation patching")
     st.caption(
@@ -77,7 +80,9 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 f"s_A = {scores['A']:.4f} · s_B = {scores['B']:.4f}"
             )
             frame = views.query_patching_frame(result.directions)
-            st.altair_chart(views.patching_heatmaps(frame, "This query"))
+            chart = views.patching_heatmaps(frame, "This query")
+            st.altair_chart(chart)
+            computed.patching, figures["patching"], tables["patching"] = result, chart.to_dict(), frame
             st.download_button(
                 "Patching of this query (CSV)",
                 frame.to_csv(index=False),
@@ -97,8 +102,11 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 aggregate = aggregate_patching(pair, indexes["B"], corpus, queries, cache, report_progress)
         if aggregate is not None:
             frame = views.aggregate_patching_frame(aggregate)
-            st.altair_chart(views.patching_heatmaps(frame, f"Mean over {len(queries)} queries"))
+            chart = views.patching_heatmaps(frame, f"Mean over {len(queries)} queries")
+            st.altair_chart(chart)
             st.dataframe(frame, hide_index=True)
+            computed.patching_aggregate, settings["patching_queries"] = aggregate, len(queries)
+            figures["patching-aggregate"], tables["patching-aggregate"] = chart.to_dict(), frame
 
     section(patching)
 
@@ -116,8 +124,10 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                     pair, indexes, corpus, [LabelledQuery(text, -1, frozenset())], cache, threshold, steps
                 )
             frame = views.overlap_frame(one)
-            st.altair_chart(views.overlap_chart(frame, "This query"))
+            chart = views.overlap_chart(frame, "This query")
+            st.altair_chart(chart)
             st.dataframe(frame, hide_index=True)
+            computed.overlap, figures["overlap"], tables["overlap"] = one, chart.to_dict(), frame
         if not has_descriptions:
             return
         queries = sample(corpus, "Queries for the overlap aggregate", "tw_overlap_n", 20)
@@ -138,12 +148,15 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                     lambda name, done, total: report_progress(done, total),
                 )
             frame = views.overlap_frame(many)
-            st.altair_chart(views.overlap_chart(frame, f"Mean over {len(queries)} queries"))
+            chart = views.overlap_chart(frame, f"Mean over {len(queries)} queries")
+            st.altair_chart(chart)
             st.caption(
                 "Share of B's neurons above threshold that A did not have: "
                 + ", ".join(f"{site} {many.recruited_share(site):.2f}" for site in many.sites)
             )
             st.dataframe(frame, hide_index=True)
+            computed.overlap_aggregate, settings["overlap_queries"] = many, len(queries)
+            figures["overlap-aggregate"], tables["overlap-aggregate"] = chart.to_dict(), frame
 
     section(overlap)
 
@@ -154,6 +167,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         "first phrasing)."
     )
     k = st.number_input("Top-k compared", 1, 100, DEFAULT_K, key="tw_para_k")
+    settings["paraphrase_k"] = int(k)
 
     def paraphrases() -> None:
         phrasings = st.text_area(
@@ -168,7 +182,11 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             columns = st.columns(2)
             for column, name in zip(columns, pair.models):
                 column.metric(f"{name}: top-{k} Jaccard", f"{report.needs[0].models[name].retrieval_jaccard:.2f}")
-            st.altair_chart(views.paraphrase_chart(views.paraphrase_layer_frame(report), "Your phrasings"))
+            frame = views.paraphrase_layer_frame(report)
+            chart = views.paraphrase_chart(frame, "Your phrasings")
+            st.altair_chart(chart)
+            computed.phrasings, settings["phrasings"] = report, list(need.phrasings)
+            figures["paraphrases"], tables["paraphrases"] = chart.to_dict(), frame
         needs = load_needs()
         count = st.number_input("Built-in needs (first N of the set)", 1, len(needs), len(needs), key="tw_para_n")
         needs = needs[: int(count)]
@@ -192,10 +210,14 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 "Every phrasing finds the gold passage in its top-k: "
                 + ", ".join(f"{name} {report.found_by_all(name):.2f}" for name in pair.models)
             )
-            st.altair_chart(
-                views.paraphrase_chart(views.paraphrase_layer_frame(report), f"{len(needs)} built-in needs")
-            )
-            st.dataframe(views.paraphrase_need_frame(report, corpus.titles), hide_index=True)
+            frame = views.paraphrase_layer_frame(report)
+            chart = views.paraphrase_chart(frame, f"{len(needs)} built-in needs")
+            st.altair_chart(chart)
+            per_need = views.paraphrase_need_frame(report, corpus.titles)
+            st.dataframe(per_need, hide_index=True)
+            computed.needs, settings["needs"] = report, len(needs)
+            figures["paraphrases-needs"], tables["paraphrases-needs"] = chart.to_dict(), frame
+            tables["paraphrases-per-need"] = per_need
 
     section(paraphrases)
 
@@ -215,18 +237,25 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             return
         with activity(f"Layer features of {len(queries)} queries and passages"):
             result = layer_similarity(pair, corpus, queries, cache, progress=report_progress)
-        st.altair_chart(views.cka_chart(views.cka_frame(result), "Linear CKA of A and B per layer"))
+        frame = views.cka_frame(result)
+        chart = views.cka_chart(frame, "Linear CKA of A and B per layer")
+        st.altair_chart(chart)
         points, links = views.pca_frames(result, corpus.titles)
+        computed.similarity, settings["cka_queries"] = result, len(queries)
+        figures["cka"], tables["cka"], tables["pca"] = chart.to_dict(), frame, points
         columns = st.columns(2)
         for column, name in zip(columns, pair.models):
             share = result.explained[name].sum()
-            column.altair_chart(
-                views.pca_chart(
-                    points, links, name, f"{name}: PCA of queries and gold passages ({share:.0%} of variance)"
-                )
+            chart = views.pca_chart(
+                points, links, name, f"{name}: PCA of queries and gold passages ({share:.0%} of variance)"
             )
+            column.altair_chart(chart)
+            figures[f"pca-{name}"] = chart.to_dict()
 
     section(similarity)
+
+    if computed.any():
+        report_button(twins_bundle(pair, corpus, text, computed, settings, figures, tables), key="tw_report")
 
 
 run_page("Twin analyses", render, method="A and its DPR-trained twin B, layer by layer.")

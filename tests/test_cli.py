@@ -133,7 +133,7 @@ def test_a_field_without_a_default_cannot_be_an_option():
 
 
 def evaluation(value: float) -> Evaluation:
-    names = ("R@1", "R@10", "nDCG@10")
+    names = ("R@1", "R@10", "MRR@10", "nDCG@10")
     return Evaluation("m", 99, dict.fromkeys(names, value), dict.fromkeys(names, (value - 0.01, value + 0.01)), {}, [])
 
 
@@ -141,13 +141,24 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
     hardware = "3 CPU cores (arm64, 3 torch threads)"
     (tmp_path / "dpr_lens.json").write_text('{"pooling": "cls", "normalize": false}')
     report = TrainReport({}, 40, 320, 30, 150.0, [2.0] * 20 + [1.0] * 20, hardware)
+    models = ("before: minilm:", "previous twin: old", "after: this model")
     card = dpr_twin_card(
-        tmp_path, "python -m core train", TrainConfig(save_fp16=False), report, evaluation(0.2), evaluation(0.4), 350
+        tmp_path,
+        "python -m core train",
+        TrainConfig(save_fp16=False, query_styles=("description", "question")),
+        report,
+        dict(zip(models, map(evaluation, (0.2, 0.3, 0.4)))),
+        350,
+        dict(zip(models, map(evaluation, (0.5, 0.6, 0.7)))),
+        "69 hand-written questions",
     )
     assert "40 steps in 2.5 min on 3 CPU cores (arm64, 3 torch threads);" in card
     assert "loss 2.000 (first 20 steps) -> 1.000 (last 20 steps)" in card
     assert "Stored as float32 safetensors" in card and "dot products (no normalisation" in card
-    assert "| after: this model | 0.400 [0.390, 0.410] |" in card and "$" not in card
+    assert "styles `description`, `question`," in card and "| model | R@1 | R@10 | MRR@10 | nDCG@10 |" in card
+    assert "| previous twin: old | 0.300 [0.290, 0.310] | 0.300 [0.290, 0.310] |" in card
+    questions = card[card.index("69 hand-written questions") :]
+    assert "| after: this model | 0.700 [0.690, 0.710] |" in questions and "$" not in card
 
     pretrain = PretrainReport(
         {},

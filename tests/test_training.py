@@ -2,18 +2,32 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from core.corpus import split_indices
 from core.pair import ModelSpec, load_encoder
 from core.train_loop import LoopSettings, hardware_description, run_training
-from core.training import TrainConfig, batch_loss, contrastive_loss, save_twin, train_dpr, training_examples
+from core.training import (
+    TrainConfig,
+    TrainingExample,
+    batch_loss,
+    contrastive_loss,
+    defining_question,
+    inverse_cloze_pairs,
+    lead_sentences,
+    question_queries,
+    save_twin,
+    train_dpr,
+    training_examples,
+)
 from tests.conftest import make_tiny_bert
 
-# First and last losses of the tiny run below, recorded before DPR and MLM training shared core.train_loop: a change
-# to the batch order, negatives, optimiser or schedule moves them; the tolerance covers torch thread-count noise.
-TINY_RUN_FIRST_LOSSES = [3.64806, 3.45186, 3.45183]
-TINY_RUN_LAST_LOSSES = [3.22355, 3.35351, 3.33379]
+# First and last losses of the tiny run below, recorded when the loss began masking every other copy of a query's
+# relevant passage (a hard negative can repeat another query's positive): a change to the batch order, negatives,
+# optimiser or schedule moves them; the tolerance covers torch thread-count noise.
+TINY_RUN_FIRST_LOSSES = [3.64385, 3.43998, 3.43878]
+TINY_RUN_LAST_LOSSES = [3.21896, 3.33848, 3.33311]
 
 
 def test_hard_negatives_are_never_relevant_and_never_held_out(wiki_slice):
@@ -25,8 +39,6 @@ def test_hard_negatives_are_never_relevant_and_never_held_out(wiki_slice):
 
 
 def test_same_description_passages_are_masked_not_negatives():
-    from core.training import TrainingExample
-
     batch = [
         TrainingExample("bird family", 0, 5, frozenset({0, 1})),
         TrainingExample("bird family", 1, 6, frozenset({0, 1})),
@@ -36,6 +48,74 @@ def test_same_description_passages_are_masked_not_negatives():
     loss = contrastive_loss(vectors, passages, batch, [0, 1, 5, 6], scale=1.0)
     expected = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.0]), 0)[0]
     assert torch.isclose(loss, expected)
+
+
+def test_the_same_article_in_two_query_styles_is_masked_for_the_other_query():
+    batch = [
+        TrainingExample("bird family", 0, 5, frozenset({0})),
+        TrainingExample("what is a family of birds?", 0, 6, frozenset({0})),
+    ]
+    vectors = torch.eye(4)[:2]
+    passages = torch.eye(4)[[0, 0, 2, 3]]
+    loss = contrastive_loss(vectors, passages, batch, [0, 0, 5, 6], scale=1.0)
+    # Query 0 sees its positive (1), the other copy of article 0 masked, and two negatives (0); query 1 likewise.
+    first = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.0]), 0)[0]
+    second = -torch.log_softmax(torch.tensor([0.0, 0.0, 0.0]), 0)[0]
+    assert torch.isclose(loss, (first + second) / 2)
+
+
+def test_defining_sentence_becomes_a_question_without_its_subject():
+    hat = "A hat is a head covering (often of felt) which is worn for warmth. Hats come in many shapes."
+    assert defining_question("Hat", hat) == "what is a head covering which is worn for warmth?"
+    curie = "Marie Curie (born 1867) was a Polish physicist and chemist. She won two Nobel Prizes."
+    assert defining_question("Marie Curie", curie) == "who was a Polish physicist and chemist?"
+    field = "In mathematics, a number field is an extension of the rational numbers. It has finite degree."
+    assert defining_question("Algebraic number field", field) == "what is an extension of the rational numbers?"
+    # No "<subject> is": no question; a subject that is not the article's: no question either.
+    assert defining_question("Hat", "Hats were worn by many people in history.") is None
+    assert defining_question("Hat", "The cap is a small hat without a brim. Caps are common.") is None
+
+
+def test_question_queries_come_from_training_articles_and_never_name_the_title(wiki_slice):
+    train, held_out = split_indices(wiki_slice)
+    queries = question_queries(wiki_slice, train)
+    assert len(queries) > len(train) / 2
+    assert all(q.relevant == {q.source_index} and q.source_index not in held_out for q in queries)
+    assert all(q.text.endswith("?") and q.text.split()[0] in ("what", "who") for q in queries)
+    assert not [q for q in queries if wiki_slice.titles[q.source_index].casefold() in q.text.casefold()]
+
+
+def test_inverse_cloze_takes_the_query_sentence_out_of_its_positive(wiki_slice):
+    train, held_out = split_indices(wiki_slice)
+    pairs = inverse_cloze_pairs(wiki_slice, train, seed=5)
+    assert len(pairs) > len(train) / 2 and not {q.source_index for q, _ in pairs} & set(held_out)
+    for query, rest in pairs:
+        sentences = lead_sentences(wiki_slice.texts[query.source_index])
+        assert query.text in sentences and query.text not in rest
+        assert len(rest.split()) == sum(len(s.split()) for s in sentences) - len(query.text.split())
+    assert pairs == inverse_cloze_pairs(wiki_slice, train, seed=5)
+    assert pairs != inverse_cloze_pairs(wiki_slice, train, seed=6)
+
+
+def test_training_examples_of_every_style_use_training_articles_only(wiki_slice):
+    train, held_out = split_indices(wiki_slice)
+    examples = training_examples(wiki_slice, train, ("description", "question", "ict"), seed=5)
+    ict = [e for e in examples if e.positive_text is not None]
+    assert ict and len(ict) < len(examples)
+    used = {e.positive for e in examples} | {e.hard_negative for e in examples}
+    assert used <= set(train) and all(e.hard_negative not in e.relevant for e in examples)
+    assert [e.query for e in ict] == [q.text for q, _ in inverse_cloze_pairs(wiki_slice, train, seed=5)]
+    with pytest.raises(ValueError, match="Unknown query style"):
+        training_examples(wiki_slice, train, ("quiz",))
+
+
+def test_leads_are_split_at_sentence_ends_and_fragments_are_dropped():
+    lead = "Paris is the capital of France. It has 2.1 million\nresidents. Is it big? It is the seat of government."
+    assert lead_sentences(lead) == [
+        "Paris is the capital of France.",
+        "It has 2.1 million residents.",
+        "It is the seat of government.",
+    ]
 
 
 def test_training_on_a_tiny_slice_lowers_the_loss_and_saves_a_loadable_twin(tmp_path, wiki_slice):
@@ -50,6 +130,7 @@ def test_training_on_a_tiny_slice_lowers_the_loss_and_saves_a_loadable_twin(tmp_
         warmup_fraction=0.0,
         passage_max_length=64,
         limit=40,
+        query_styles=("description",),
     )
     train, _ = split_indices(wiki_slice)
     examples = training_examples(wiki_slice, train[:40])

@@ -11,15 +11,16 @@ import streamlit as st
 from core.attribution.faithfulness import CANDIDATES, RANDOM, PairFaithfulness, cached_faithfulness
 from core.attribution.methods import METHOD_LABELS, SIDES, MethodPanel
 from core.attribution.pairs import TokenPairMap, cached_pair_map
+from core.bundles import fingerprints
 from core.cache import ResultCache
 from core.corpus import Corpus
 from core.index import DenseIndex
 from core.pair import ModelPair
-from core.report import Bundle, build_zip, safe_name
+from core.palette import MODEL_COLOURS, model_colour
+from core.report import Bundle
 from core.retrieval import retrieve
 from core.token_attribution import IGSettings
 from ui.jobs import activity
-from ui.palette import MODEL_COLOURS, model_colour
 from ui.token_views import tokens_html
 
 ORDER_LABELS = {**METHOD_LABELS, RANDOM: "random order (control)"}
@@ -214,10 +215,7 @@ def methods_section(
             "candidates": CANDIDATES,
             "ig": settings.params(),
         },
-        {
-            **{f"model {name}": encoder.fingerprint for name, encoder in pair.models.items()},
-            "corpus": corpus.fingerprint,
-        },
+        fingerprints(pair, corpus),
         {name: chart.to_dict() for name, chart in charts.items()},
         tables,
     )
@@ -298,14 +296,3 @@ def pairs_section(pair: ModelPair, corpus: Corpus, cache: ResultCache, query: st
     st.altair_chart(chart)
     for name, result in maps.items():
         st.caption(f"{name}: {pair_summary(result)}")
-
-
-def report_button(bundle: Bundle, key: str) -> None:
-    """The view as a zip (figures PNG/SVG, data CSV/JSON, settings, fingerprints, versions, summary), built on click."""
-    st.download_button(
-        "Report bundle of this view (zip)",
-        lambda: build_zip(bundle),
-        f"dpr-lens-{safe_name(key)}.zip",
-        "application/zip",
-        key=key,
-    )

@@ -15,8 +15,8 @@ import pandas as pd
 
 from core.cloze import Prediction
 from core.neuron_attribution import SITES, NeuronAggregate, NeuronAttribution, above_threshold
+from core.palette import model_colour
 from core.suppression import SuppressionCurve
-from ui.palette import model_colour
 
 NEURON_BINS = 64
 SITE_TITLES = {"intermediate": "FFN intermediate", "output": "FFN output"}

@@ -9,8 +9,8 @@ import pandas as pd
 
 from core.corpus import Corpus
 from core.evaluation import DEPTH, Evaluation, QueryOutcome, paired_difference
+from core.palette import model_colour
 from core.probing import ProbeResult
-from ui.palette import model_colour
 
 KIND_LABELS = {
     "probe": "linear probe",

@@ -1,4 +1,4 @@
-"""Views of token attributions: colored token HTML (escaped), legend, word clouds, deletion chart, downloads."""
+"""Views of token attributions: colored token HTML (escaped), legend, word clouds, CSV/JSON downloads."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import io
 import json
 import math
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from core.corpus import Corpus
-from core.token_attribution import DELTA_TOLERANCE, DeletionCurve, IGSettings, RankingAttribution, TokenAttribution
-from ui.palette import model_colour
+from core.token_attribution import DELTA_TOLERANCE, IGSettings, RankingAttribution, TokenAttribution, token_rows
 from ui.render import escape
 
 POSITIVE_RGB = (33, 102, 172)  # blue end of ColorBrewer RdBu
@@ -128,54 +126,12 @@ def render_cloud_png(weights: dict[str, float], colormap: str) -> bytes:
 cloud_png = st.cache_data(show_spinner=False, max_entries=64)(render_cloud_png)
 
 
-def deletion_chart(curves: dict[str, DeletionCurve]) -> alt.Chart:
-    rows = []
-    for model, curve in curves.items():
-        for order, scores in (
-            ("top attributed first", curve.attribution_order),
-            (f"random (mean of {curve.random_orders})", curve.random_order),
-        ):
-            rows += [
-                {"model": model, "tokens removed": k, "score": s, "order": order} for k, s in zip(curve.ks, scores)
-            ]
-    return (
-        alt.Chart(pd.DataFrame(rows))
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
-            color=model_colour(legend=alt.Legend()),
-            strokeDash=alt.StrokeDash(
-                "order:N", legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400)
-            ),
-            tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
-        )
-        .properties(height=300)
-    )
-
-
-def _token_rows(attribution: TokenAttribution, **labels) -> list[dict]:
-    return [
-        dict(
-            labels,
-            position=n,
-            token=t.text,
-            segment=t.segment,
-            surface="" if t.special else attribution.segments[t.segment][t.start : t.end],
-            attribution=t.score,
-            n_steps=attribution.n_steps,
-            quadrature=attribution.quadrature.describe(),
-        )
-        for n, t in enumerate(attribution.tokens)
-    ]
-
-
 def attribution_frame(ranking: RankingAttribution, corpus: Corpus) -> pd.DataFrame:
     """One row per token: the query total, then per passage its query-side and passage-side attributions."""
-    rows = _token_rows(ranking.query_total, input="query (sum over passages)", rank=None, passage_id=None)
+    rows = token_rows(ranking.query_total, input="query (sum over passages)", rank=None, passage_id=None)
     for rank, (index, pair) in enumerate(zip(ranking.passage_indices, ranking.pairs), start=1):
-        rows += _token_rows(pair.query, input="query", rank=rank, passage_id=corpus.ids[index])
-        rows += _token_rows(pair.passage, input="passage", rank=rank, passage_id=corpus.ids[index])
+        rows += token_rows(pair.query, input="query", rank=rank, passage_id=corpus.ids[index])
+        rows += token_rows(pair.passage, input="passage", rank=rank, passage_id=corpus.ids[index])
     return pd.DataFrame(rows)
 
 

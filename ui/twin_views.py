@@ -8,6 +8,7 @@ import pandas as pd
 
 from core.cka import INPUTS, LayerSimilarity
 from core.overlap import OverlapAggregate
+from core.palette import MODEL_COLOURS, model_colour
 from core.paraphrase import ParaphraseReport
 from core.patching import (
     DIRECTIONS,
@@ -17,7 +18,6 @@ from core.patching import (
     DirectionPatching,
     PatchingAggregate,
 )
-from ui.palette import MODEL_COLOURS, model_colour
 
 OVERLAP_COLOURS = {"kept": "#9d7660", "dropped": MODEL_COLOURS["A"], "recruited": MODEL_COLOURS["B"]}
 

@@ -1,4 +1,5 @@
-"""What token IG returns, and the word-level views of it: tokens merged into words, word tables, cloud weights."""
+"""What token IG returns, and the tabular views of it: token rows, tokens merged into words, word tables, cloud
+weights."""
 
 from __future__ import annotations
 
@@ -153,6 +154,23 @@ class RankingAttribution:
         return counts
 
 
+def token_rows(attribution: TokenAttribution, **labels) -> list[dict]:
+    """One row per token of one input (special tokens included), after the `labels` columns."""
+    return [
+        dict(
+            labels,
+            position=n,
+            token=t.text,
+            segment=t.segment,
+            surface="" if t.special else attribution.segments[t.segment][t.start : t.end],
+            attribution=t.score,
+            n_steps=attribution.n_steps,
+            quadrature=attribution.quadrature.describe(),
+        )
+        for n, t in enumerate(attribution.tokens)
+    ]
+
+
 def is_stopword(word: str) -> bool:
     """Stop words and words made only of punctuation."""
     folded = word.casefold()
@@ -183,6 +201,15 @@ def word_sums(attributions: Iterable[TokenAttribution], drop_stopwords: bool = F
         columns=["word", "total", "positive", "negative", "occurrences", "inputs"],
     )
     return table.sort_values("total", ascending=False, ignore_index=True)
+
+
+def merge_word_sums(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """`word_sums` tables of different inputs as one: the `word_sums` of all those inputs, most positive first."""
+    frames = [table for table in tables if len(table)]
+    if not frames:
+        return word_sums([])
+    merged = pd.concat(frames, ignore_index=True).groupby("word", as_index=False, sort=False).sum()
+    return merged.sort_values("total", ascending=False, ignore_index=True)
 
 
 def cloud_weights(table: pd.DataFrame, sign: Literal["positive", "negative"], limit: int = 150) -> dict[str, float]:
