@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     BertConfig,
@@ -105,6 +107,51 @@ def tiny_bert_dir(tmp_path_factory, wiki_slice) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dpr_dirs(tmp_path_factory, wiki_slice) -> tuple[Path, Path]:
     return make_tiny_dpr(tmp_path_factory.mktemp("tiny-dpr"), wiki_slice)
+
+
+def _blank_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2), "white").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+QUICK_PNG = _blank_png()
+
+
+def quick_cloud(weights: dict[str, float], colormap: str) -> bytes:
+    """Stands in for the word-cloud renderer (~0.4 s of CPU per cloud) where the cloud's pixels are not under test."""
+    assert weights and min(weights.values()) > 0
+    return QUICK_PNG
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app (streamlit run) for one test module, on the bundled corpus, with a cache shared by the modules."""
+    from bench.browser import AppServer
+
+    app = AppServer(
+        tmp_path_factory.mktemp("server") / "streamlit.log", cache_dir=tmp_path_factory.getbasetemp() / "browser-cache"
+    )
+    try:
+        app.start(timeout=120)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian chromium driven by Playwright for one test module; skipped where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from bench.browser import chromium_available, launch_chromium
+
+    if not chromium_available():
+        pytest.skip("chromium is not installed (make browser)")
+    with sync_api.sync_playwright() as playwright:
+        instance = launch_chromium(playwright)
+        yield instance
+        instance.close()
 
 
 @pytest.fixture(scope="module")

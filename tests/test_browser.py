@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import sync_playwright  # noqa: E402
 
 from bench.browser import (  # noqa: E402
     MINUTE,
     AppServer,
     chromium_available,
     goto,
-    launch_chromium,
     problems,
     submit_queries,
     wait_done,
@@ -37,26 +35,6 @@ QUERIES = {"country in Western Europe": "France", "1968 film by Stanley Kubrick"
 HITS_READY = "document.querySelectorAll('.lens-hit').length >= 20"
 
 pytestmark = pytest.mark.skipif(not chromium_available(), reason="chromium is not installed (make browser)")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("server")
-    app = AppServer(base / "streamlit.log", cache_dir=tmp_path_factory.getbasetemp() / "browser-cache")
-    try:
-        app.start(timeout=120)
-    except RuntimeError as error:
-        pytest.fail(str(error))
-    yield app
-    app.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        instance = launch_chromium(playwright)
-        yield instance
-        instance.close()
 
 
 def _assert_no_exception(page) -> None:

@@ -2,7 +2,6 @@
 AppTest and through the core API, on tiny random models. The retrieval page has its own tests."""
 
 import html
-import io
 import json
 import re
 from pathlib import Path
@@ -11,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core.cache import ResultCache
@@ -30,7 +28,7 @@ from core.token_attribution import (
     attribute_ranking,
     deletion_curve,
 )
-from tests.conftest import make_tiny_bert
+from tests.conftest import make_tiny_bert, quick_cloud
 from ui.neuron_views import completeness_table
 from ui.token_views import tokens_html
 
@@ -76,21 +74,6 @@ def pair_dirs(tiny_bert_dir, tiny_dpr_dirs) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_pair(pair_dirs):
     return load_pair(custom_pair(pair_dirs["custom_a"], pair_dirs["custom_b"], pair_dirs["custom_b_context"]))
-
-
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), "white").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-QUICK_PNG = _png()
-
-
-def quick_cloud(weights: dict[str, float], colormap: str) -> bytes:
-    """Stands in for the word-cloud renderer (~0.4 s of CPU per cloud) where the cloud's words are not under test."""
-    assert weights and min(weights.values()) > 0
-    return QUICK_PNG
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -7,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
-from transformers import AutoTokenizer, BertModel, DistilBertConfig, DistilBertModel
+from transformers import AutoTokenizer, BertModel, DistilBertModel
 
 import core.neuron_attribution as na
 from core.index import load_index
@@ -26,6 +25,7 @@ from core.neuron_attribution import (
     site_sizes,
 )
 from core.pair import ModelSpec, load_encoder
+from tests.conftest import make_family_model
 from ui.neuron_views import attribution_heatmaps, binned_frame, png_bytes
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -47,24 +47,8 @@ def tiny_bert(tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_distilbert(tmp_path_factory, tiny_bert_dir):
-    directory = tmp_path_factory.mktemp("tiny-distilbert")
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_bert_dir / name).is_file():
-            shutil.copy(tiny_bert_dir / name, directory / name)
-    vocab_size = len((tiny_bert_dir / "vocab.txt").read_text().splitlines())
-    torch.manual_seed(3)
-    config = DistilBertConfig(
-        vocab_size=vocab_size,
-        dim=32,
-        n_layers=3,
-        n_heads=2,
-        hidden_dim=48,
-        max_position_embeddings=128,
-        dropout=0.0,
-        attention_dropout=0.0,
-    )
-    DistilBertModel(config).save_pretrained(directory)
+def tiny_distilbert(tmp_path_factory, wiki_slice, tiny_bert_dir):
+    directory = make_family_model("distilbert", tmp_path_factory.mktemp("tiny-distilbert"), wiki_slice, tiny_bert_dir)
     return load_encoder(ModelSpec("distil", str(directory), pooling="cls", normalize=False))
 
 

@@ -1,5 +1,6 @@
 """Permalinks: the view (pair, query, passage, page, settings) in the URL, and the URL reproducing it in a fresh
-browser. The parsers refuse what a widget could not take; the real-browser round trip uses test_browser's fixtures."""
+browser. The parsers refuse what a widget could not take; the real-browser round trip uses tests/conftest.py's
+server and browser fixtures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.browser import AppServer, chromium_available, launch_chromium
 from ui import state
 from ui.state import PERMALINK_SETTINGS
 
@@ -86,30 +86,6 @@ def test_the_view_is_written_back_without_a_corpus(fake_streamlit):
     session["pair_key"] = "custom"
     state.write_permalink()
     assert "pair" not in fake_streamlit.query_params
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    app = AppServer(
-        tmp_path_factory.mktemp("server") / "streamlit.log", cache_dir=tmp_path_factory.getbasetemp() / "browser-cache"
-    )
-    try:
-        app.start(timeout=120)
-    except RuntimeError as error:
-        pytest.fail(str(error))
-    yield app
-    app.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not chromium_available():
-        pytest.skip("chromium is not installed (make browser)")
-    with sync_api.sync_playwright() as playwright:
-        instance = launch_chromium(playwright)
-        yield instance
-        instance.close()
 
 
 def test_a_permalink_reproduces_the_view_in_a_fresh_browser(server, browser):

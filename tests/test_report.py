@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.cli import main
 from core.report import Bundle, build_zip, package_versions, safe_name
-from tests.conftest import make_tiny_bert
+from tests.conftest import make_tiny_bert, quick_cloud
 
 
 def test_the_zip_holds_figures_data_settings_and_summary():
@@ -65,20 +65,6 @@ TIMEOUT = 240
 LIMIT = 60  # passages; 6 of them held out, with descriptions
 QUERY = "city on the river Seine"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), "white").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-QUICK_PNG = _png()
-
-
-def quick_cloud(weights: dict[str, float], colormap: str) -> bytes:
-    """Stands in for the word-cloud renderer (~0.4 s of CPU per cloud), which no report holds."""
-    return QUICK_PNG
 
 
 @pytest.fixture
