@@ -7,8 +7,6 @@ from core.bundles import neurons_bundle
 from core.cloze import ClozeError, fill_in_blank
 from core.corpus import Corpus
 from core.neuron_attribution import (
-    DEFAULT_STEPS,
-    DEFAULT_THRESHOLD,
     aggregate_neurons,
     aggregate_sample,
     attribute_passage,
@@ -37,17 +35,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
     text = query_box()
     chosen = selected_passage(corpus)
     left, middle, right = st.columns(3)
-    with left:
-        threshold = st.slider(
-            "Threshold t (× the site's largest attribution)",
-            0.005,
-            0.3,
-            DEFAULT_THRESHOLD,
-            0.005,
-            format="%.3f",
-            key="kn_threshold",
-        )
-        steps = st.select_slider("Riemann steps m", [5, 10, 20, 30, 50], value=DEFAULT_STEPS, key="kn_steps")
+    threshold = views.threshold_slider(left, "kn_threshold")
+    steps = views.steps_slider(left, "kn_steps")
     with middle:
         tower = st.radio(
             "Tower",

@@ -10,7 +10,7 @@ from core.bundles import TwinResults, twins_bundle
 from core.cka import layer_similarity
 from core.corpus import Corpus, LabelledQuery
 from core.errors import LensError
-from core.neuron_attribution import DEFAULT_STEPS, DEFAULT_THRESHOLD, aggregate_sample, lookup_aggregate
+from core.neuron_attribution import aggregate_sample, lookup_aggregate
 from core.overlap import neuron_overlap
 from core.pair import ModelPair
 from core.paraphrase import (
@@ -25,6 +25,7 @@ from core.runtime import report_progress
 from ui import twin_views as views
 from ui.frame import run_page
 from ui.jobs import activity
+from ui.neuron_views import steps_slider, threshold_slider
 from ui.render import escape
 from ui.reports import report_button
 from ui.state import query_box, require_indexes, result_cache
@@ -49,16 +50,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
     indexes = require_indexes(pair, corpus)
     has_descriptions = any(corpus.descriptions)
     left, right = st.columns(2)
-    threshold = left.slider(
-        "Threshold t (× the site's largest attribution)",
-        0.005,
-        0.3,
-        DEFAULT_THRESHOLD,
-        0.005,
-        format="%.3f",
-        key="tw_threshold",
-    )
-    steps = right.select_slider("Riemann steps m", [5, 10, 20, 30, 50], value=DEFAULT_STEPS, key="tw_steps")
+    threshold = threshold_slider(left, "tw_threshold")
+    steps = steps_slider(right, "tw_steps")
     computed, settings, figures, tables = TwinResults(), {"threshold": threshold, "steps": steps}, {}, {}
 
     st.header("Activation patching")

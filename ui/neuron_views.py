@@ -14,12 +14,31 @@ import numpy as np
 import pandas as pd
 
 from core.cloze import Prediction
-from core.neuron_attribution import SITES, NeuronAggregate, NeuronAttribution, above_threshold
+from core.neuron_attribution import (
+    DEFAULT_STEPS,
+    DEFAULT_THRESHOLD,
+    SITES,
+    NeuronAggregate,
+    NeuronAttribution,
+    above_threshold,
+)
 from core.palette import model_colour
 from core.suppression import SuppressionCurve
 
 NEURON_BINS = 64
 SITE_TITLES = {"intermediate": "FFN intermediate", "output": "FFN output"}
+
+
+def threshold_slider(container, key: str) -> float:
+    """The knowledge-neuron threshold t, drawn in `container` (a column, the sidebar, or st)."""
+    return container.slider(
+        "Threshold t (× the site's largest attribution)", 0.005, 0.3, DEFAULT_THRESHOLD, 0.005, format="%.3f", key=key
+    )
+
+
+def steps_slider(container, key: str) -> int:
+    """The knowledge-neuron Riemann steps m, drawn in `container`."""
+    return container.select_slider("Riemann steps m", [5, 10, 20, 30, 50], value=DEFAULT_STEPS, key=key)
 
 
 def _bin_edges(neurons: int, bins: int = NEURON_BINS) -> np.ndarray:
