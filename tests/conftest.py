@@ -154,6 +154,17 @@ def browser():
         instance.close()
 
 
+def tiny_pair_state(tiny_bert_dir: Path, tiny_dpr_dirs: tuple[Path, Path]) -> dict[str, str]:
+    """Session state choosing the custom pair tiny BERT (A) vs tiny DPR (B) on a page under AppTest."""
+    question, context = tiny_dpr_dirs
+    return {
+        "pair_key": "custom",
+        "custom_a": str(tiny_bert_dir),
+        "custom_b": str(question),
+        "custom_b_context": str(context),
+    }
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_bert_dir):
     return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))

@@ -21,6 +21,7 @@ from core.attribution.results import Token
 from core.retrieval import QueryError
 from core.runtime import model_work
 from core.token_attribution import IGSettings, attribute_pair
+from tests.conftest import tiny_pair_state
 from ui.method_views import pair_frame
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -215,12 +216,7 @@ def test_page_shows_methods_faithfulness_and_pair_maps(tiny_bert_dir, tiny_dpr_d
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=240)
-    for key, value in (
-        ("pair_key", "custom"),
-        ("custom_a", str(tiny_bert_dir)),
-        ("custom_b", str(tiny_dpr_dirs[0])),
-        ("custom_b_context", str(tiny_dpr_dirs[1])),
-    ):
+    for key, value in tiny_pair_state(tiny_bert_dir, tiny_dpr_dirs).items():
         at.session_state[key] = value
     at.switch_page("pages/token_attributions.py").run()
     at.text_input(key="query_input").input("<b>city</b> of music").run()

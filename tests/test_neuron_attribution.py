@@ -25,7 +25,7 @@ from core.neuron_attribution import (
     site_sizes,
 )
 from core.pair import ModelSpec, load_encoder
-from tests.conftest import make_family_model
+from tests.conftest import make_family_model, tiny_pair_state
 from ui.neuron_views import attribution_heatmaps, binned_frame, png_bytes
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -317,10 +317,8 @@ def test_page_shows_heatmaps_escapes_the_query_and_computes_the_aggregate(
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=240)
-    at.session_state["pair_key"] = "custom"
-    at.session_state["custom_a"] = str(tiny_bert_dir)
-    at.session_state["custom_b"] = str(tiny_dpr_dirs[0])
-    at.session_state["custom_b_context"] = str(tiny_dpr_dirs[1])
+    for key, value in tiny_pair_state(tiny_bert_dir, tiny_dpr_dirs).items():
+        at.session_state[key] = value
     at.switch_page("pages/knowledge_neurons.py").run()
     assert not at.exception
     assert any("Type a query" in info.value for info in at.info)

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.cli import main
 from core.report import Bundle, build_zip, package_versions, safe_name
-from tests.conftest import make_tiny_bert, quick_cloud
+from tests.conftest import make_tiny_bert, quick_cloud, tiny_pair_state
 
 
 def test_the_zip_holds_figures_data_settings_and_summary():
@@ -104,16 +104,6 @@ def open_page(page: str, state: dict) -> AppTest:
     at.switch_page(f"pages/{page}.py").run()
     assert not at.exception
     return at
-
-
-def tiny_pair_state(tiny_bert_dir, tiny_dpr_dirs) -> dict:
-    question, context = tiny_dpr_dirs
-    return {
-        "pair_key": "custom",
-        "custom_a": str(tiny_bert_dir),
-        "custom_b": str(question),
-        "custom_b_context": str(context),
-    }
 
 
 def report(at: AppTest, offered: dict, key: str) -> bytes:

@@ -34,6 +34,7 @@ from core.token_attribution import (
     deletion_curve,
     word_sums,
 )
+from tests.conftest import tiny_pair_state
 from ui.token_views import completeness_text, tokens_html
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -379,12 +380,7 @@ def test_page_shows_colored_tokens_and_escapes_the_query(tiny_bert_dir, tiny_dpr
     monkeypatch.setenv("DPR_LENS_CORPUS_LIMIT", "150")
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=240)
-    for key, value in (
-        ("pair_key", "custom"),
-        ("custom_a", str(tiny_bert_dir)),
-        ("custom_b", str(tiny_dpr_dirs[0])),
-        ("custom_b_context", str(tiny_dpr_dirs[1])),
-    ):
+    for key, value in tiny_pair_state(tiny_bert_dir, tiny_dpr_dirs).items():
         at.session_state[key] = value
     at.switch_page("pages/token_attributions.py").run()
     assert not at.exception
