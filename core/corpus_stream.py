@@ -5,6 +5,8 @@ lines with their line numbers (as `core.corpus.load_jsonl` does), computes the s
 records a checkpoint (byte offset, or file row for Parquet) every `CHECKPOINT_ROWS` usable rows, so that a
 shard of rows [start, stop) is read by seeking to the nearest checkpoint, not by re-reading the file from its
 top. The scan is saved next to the shards and reused while the file's size and modification time match.
+Saved with it is the row index (`ROW_INDEX`): every usable row's position and its id's hash, sorted, which
+`core.passage_store` memory-maps to read any one passage or find a passage by id without loading the corpus.
 
 Row numbers count usable rows only: bad rows are skipped, and the same rows are skipped whenever the file is read.
 Unlike `load_jsonl`, a duplicate id is an error, not a skipped line: skipping it would mean keeping every id
@@ -28,6 +30,8 @@ from .corpus import Corpus, CorpusError
 
 CHECKPOINT_ROWS = 10_000
 MAX_WARNINGS = 100
+SCAN_FILE = "corpus-scan.json"
+ROW_POSITIONS, ID_LOOKUP = "row-positions.npy", "id-lookup.npy"
 FORMATS = ("tsv", "jsonl", "parquet")
 TSV_COLUMNS = ("id", "text", "title")
 
@@ -65,7 +69,9 @@ def rows_fingerprint(rows: Iterable[Row]) -> str:
 
 
 def corpus_rows_fingerprint(corpus: Corpus) -> str:
-    """The streaming fingerprint of an in-memory corpus, to find the sharded index built from its file."""
+    """The streaming fingerprint of a corpus, to find the sharded index built from its file."""
+    if corpus.store is not None:
+        return corpus.store.fingerprint
     return rows_fingerprint(zip(corpus.ids, corpus.titles, corpus.texts))
 
 
@@ -202,12 +208,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _id_hash(passage_id: str) -> int:
+def id_hash(passage_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(passage_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def scan_corpus(path: str | Path, progress=None) -> CorpusScan:
-    """One pass: usable rows, bad lines, fingerprint, checkpoints; raises CorpusError on duplicate ids or no rows."""
+def scan_corpus(path: str | Path, progress=None, row_index: Path | None = None) -> CorpusScan:
+    """One pass: usable rows, bad lines, fingerprint, checkpoints; raises CorpusError on duplicate ids or no rows.
+
+    With `row_index` (a directory), also writes the row index there: `ROW_POSITIONS`, the byte offset (file
+    row for Parquet) and line number of every usable row, and `ID_LOOKUP`, (id hash, row) pairs sorted by hash.
+    """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"Corpus file {path} does not exist.")
@@ -217,7 +227,7 @@ def scan_corpus(path: str | Path, progress=None) -> CorpusScan:
     checkpoints: list[tuple[int, int]] = []
     warnings: list[str] = []
     bad_rows = 0
-    hashes, line_numbers = array.array("Q"), array.array("Q")
+    hashes, line_numbers, positions = array.array("Q"), array.array("Q"), array.array("Q")
     for position, number, parsed in _raw_records(path, fmt, 0, 1):
         if isinstance(parsed, str):
             bad_rows += 1
@@ -226,15 +236,22 @@ def scan_corpus(path: str | Path, progress=None) -> CorpusScan:
             continue
         if len(hashes) % CHECKPOINT_ROWS == 0:
             checkpoints.append((position, number))
-        hashes.append(_id_hash(parsed[0]))
+        hashes.append(id_hash(parsed[0]))
         line_numbers.append(number)
+        positions.append(position)
         fingerprint.update(parsed)
         if progress and len(hashes) % CHECKPOINT_ROWS == 0:
             progress(len(hashes))
     if not hashes:
         detail = f" ({warnings[0]})" if warnings else ""
         raise CorpusError(f"Corpus file {path.name} has no usable passage{detail}.")
-    _check_unique(np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(line_numbers, dtype=np.uint64), path)
+    hash_array = np.frombuffer(hashes, dtype=np.uint64)
+    order = _check_unique(hash_array, np.frombuffer(line_numbers, dtype=np.uint64), path)
+    if row_index is not None:
+        row_index.mkdir(parents=True, exist_ok=True)
+        line_array = np.frombuffer(line_numbers, dtype=np.uint64)
+        _atomic_save(row_index / ROW_POSITIONS, np.stack([np.frombuffer(positions, dtype=np.uint64), line_array], 1))
+        _atomic_save(row_index / ID_LOOKUP, np.stack([hash_array[order], order.astype(np.uint64)], axis=1))
     if bad_rows > len(warnings):
         warnings.append(f"... and {bad_rows - len(warnings)} more bad rows")
     return CorpusScan(
@@ -250,7 +267,14 @@ def scan_corpus(path: str | Path, progress=None) -> CorpusScan:
     )
 
 
-def _check_unique(hashes: np.ndarray, line_numbers: np.ndarray, path: Path) -> None:
+def _atomic_save(path: Path, array_: np.ndarray) -> None:
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(temporary, array_)
+    os.replace(temporary, path)
+
+
+def _check_unique(hashes: np.ndarray, line_numbers: np.ndarray, path: Path) -> np.ndarray:
+    """The rows in id-hash order, after checking that no two rows share an id hash."""
     order = np.argsort(hashes, kind="stable")
     repeated = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
     if len(repeated):
@@ -259,21 +283,50 @@ def _check_unique(hashes: np.ndarray, line_numbers: np.ndarray, path: Path) -> N
             f"{path.name}: {len(repeated)} rows repeat an earlier id (e.g. lines "
             f"{', '.join(map(str, lines))}); a streamed corpus needs unique ids."
         )
+    return order
 
 
 def load_scan(path: str | Path, directory: Path | None = None, progress=None) -> CorpusScan:
-    """The saved scan of this file in `directory` if it still matches the file, else a fresh scan (saved there)."""
+    """The saved scan of this file in `directory` if it still matches the file, else a fresh scan.
+
+    A fresh scan is saved in `directory` with its row index; the scan file is written last, so a scan whose
+    row index is incomplete is never found."""
     path = Path(path)
-    saved = directory / "corpus-scan.json" if directory is not None else None
-    if saved is not None and saved.is_file():
+    saved = directory / SCAN_FILE if directory is not None else None
+    row_index = directory is not None and all((directory / name).is_file() for name in (ROW_POSITIONS, ID_LOOKUP))
+    if saved is not None and saved.is_file() and row_index:
         scan = CorpusScan.load(saved)
         if scan is not None and path.is_file() and scan.matches(path):
             return scan
-    scan = scan_corpus(path, progress)
+    scan = scan_corpus(path, progress, row_index=directory)
     if saved is not None:
-        saved.parent.mkdir(parents=True, exist_ok=True)
         scan.save(saved)
     return scan
+
+
+def write_tsv(path: Path, corpus: Corpus) -> None:
+    """A corpus in DPR's psgs_w100.tsv layout: a header, then id, text (csv-quoted, newlines as spaces), title."""
+    with Path(path).open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(TSV_COLUMNS)
+        for passage_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
+            writer.writerow([passage_id, text.replace("\n", " "), title])
+
+
+def read_row_at(scan: CorpusScan, position: int, line_number: int) -> Row:
+    """The usable row that starts at `position` (a byte offset, or the file row for Parquet) of the scanned file;
+    `line_number` is its line (a JSONL record without an id is named by it)."""
+    name = Path(scan.path).name
+    if scan.format == "parquet":
+        parsed = next(_parquet_records(Path(scan.path), position), (0, 0, f"row {position + 1} is gone"))[2]
+    else:
+        with open(scan.path, "rb") as handle:
+            handle.seek(position)
+            line = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        parsed = (_parse_tsv if scan.format == "tsv" else _parse_json)(line, line_number)
+    if isinstance(parsed, str):
+        raise CorpusError(f"{name} changed since it was scanned ({parsed} at {position}); scan it again.")
+    return parsed
 
 
 def read_rows(scan: CorpusScan, start: int, stop: int) -> Iterator[Row]:

@@ -188,7 +188,6 @@ def _gold_ids(record: dict) -> list[str] | None:
 
 def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query file") -> list[LabelledQuery]:
     """Labelled queries from JSONL lines; any bad line is an error naming its line number."""
-    position = {passage_id: index for index, passage_id in enumerate(corpus.ids)}
     queries, problems = [], []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -207,10 +206,10 @@ def parse_query_lines(lines: Iterable[str], corpus: Corpus, source: str = "query
             problems.append(f'line {line_number}: missing a non-empty "query"')
         elif gold is None:
             problems.append(f'line {line_number}: missing gold passage ids ("gold_ids": [...] or "gold_id")')
-        elif unknown := [g for g in gold if g not in position]:
-            problems.append(f"line {line_number}: gold id {unknown[0]!r} is not in corpus {corpus.name}")
+        elif None in (relevant := [corpus.position(g) for g in gold]):
+            unknown = gold[relevant.index(None)]
+            problems.append(f"line {line_number}: gold id {unknown!r} is not in corpus {corpus.name}")
         else:
-            relevant = [position[g] for g in gold]
             queries.append(LabelledQuery(text, relevant[0], frozenset(relevant)))
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

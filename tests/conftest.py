@@ -31,6 +31,7 @@ from transformers import (
 
 from core.cache import ResultCache
 from core.corpus import Corpus, load_wiki
+from core.corpus_stream import write_tsv
 from core.pair import ModelSpec, load_encoder
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -97,6 +98,19 @@ def make_tiny_dpr(directory: Path, corpus: Corpus, seed: int = 0) -> tuple[Path,
         config = DPRConfig(**tiny_bert_config(len(tokenizer)).to_dict())
         model_class(config).save_pretrained(path)
     return question, context
+
+
+@pytest.fixture(scope="session")
+def wiki_2000() -> Corpus:
+    return load_wiki(limit=2000)
+
+
+@pytest.fixture(scope="session")
+def tsv_path(tmp_path_factory, wiki_2000) -> Path:
+    """The first 2,000 bundled passages in DPR's psgs_w100.tsv layout."""
+    path = tmp_path_factory.mktemp("psgs") / "psgs_w100.tsv"
+    write_tsv(path, wiki_2000)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,23 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.scale import write_tsv
-from core.corpus import CorpusError, load_jsonl, load_wiki
+from core.corpus import CorpusError, load_jsonl
 from core.corpus_stream import corpus_rows_fingerprint, load_scan, read_rows, row_batches, rows_fingerprint, scan_corpus
 from core.pair import ModelSpec, load_encoder
 from core.shards import ShardSet, build_shards, finish_shards, plan_shards, shard_params
-
-
-@pytest.fixture(scope="module")
-def wiki_2000():
-    return load_wiki(limit=2000)
-
-
-@pytest.fixture(scope="module")
-def tsv_path(tmp_path_factory, wiki_2000):
-    path = tmp_path_factory.mktemp("psgs") / "psgs_w100.tsv"
-    write_tsv(path, wiki_2000)
-    return path
 
 
 @pytest.fixture(scope="module")

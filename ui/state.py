@@ -281,8 +281,9 @@ def query_box(label: str = "Query", key: str = "query_input") -> str:
 def selected_passage(corpus: Corpus) -> int | None:
     """The passage chosen on the retrieval page, if it belongs to the current corpus."""
     linked = st.session_state.pop(LINKED_PASSAGE, None)
-    if linked is not None and linked in corpus.ids:
-        select_passage(corpus, corpus.ids.index(linked))
+    position = None if linked is None else corpus.position(linked)
+    if position is not None:
+        select_passage(corpus, position)
     chosen = st.session_state.get("selected_passage")
     if chosen and chosen[0] == corpus.fingerprint and 0 <= chosen[1] < len(corpus):
         return chosen[1]
