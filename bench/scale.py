@@ -2,14 +2,15 @@
 
     python -m bench.scale             # writes bench/results_scale.md
     python -m bench.scale --quick     # shrunk sizes: checks that it runs (not results)
-    python -m bench.scale --part ivf  # one part: ivf or encode
+    python -m bench.scale --part ivf  # one part: ivf, encode or store
 
 The vectors are synthetic with cluster structure: 768-d, 4096 cluster centres, each vector a centre plus
 isotropic noise (0.4 of a centre's scale), normalised; queries are new draws from the same mixture. (A first
 mixture, dominated by noise in a shared 64-d subspace, had no neighbourhoods an IVF could find: recall@10 0.63 at
 nprobe 128 even for SQ8.) Real embeddings are not this mixture: the index card that `build-index` writes gives
-recall on the corpus itself. Resident memory when served: a fresh process's resident set (VmRSS) after opening
-the saved index memory-mapped and answering the queries, minus its resident set just before opening it.
+recall on the corpus itself. Resident memory when served: a fresh process's resident set after opening the saved
+index memory-mapped and answering the queries, minus its resident set just before opening it, split into anonymous
+memory (the process's own) and file-backed pages (the mapped index and shards, which the kernel can evict).
 """
 
 from __future__ import annotations
@@ -46,22 +47,27 @@ def synthetic(rows: int, seed: int, dim: int = DIM, block: int = 131_072) -> np.
     return out
 
 
-def _served_rss(index_path: Path, shard_paths: list[Path], queries_path: Path, nprobe: int, rerank: int) -> float:
-    """MiB a fresh process holds after opening the index memory-mapped and searching, above what it held before.
+def _served_rss(
+    index_path: Path, shard_paths: list[Path], queries_path: Path, nprobe: int, rerank: int
+) -> tuple[float, float]:
+    """MiB a fresh process holds after opening the index memory-mapped and searching, above what it held before:
+    (anonymous, file-backed). File-backed pages are the memory-mapped index and shards the searches touched;
+    the kernel can drop them, so they are the working set's cache, not memory the process owns.
 
     The resident set, not the peak: a process's peak is set by its imports, which hide a memory-mapped index."""
     code = (
         "import re, faiss, numpy as np\nfrom core.ivf import IVFIndex\nfrom core.shards import ShardedEmbeddings\n"
-        "rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
         f"queries = np.load({str(queries_path)!r})\n"
-        "before = rss()\n"
+        "before = status('RssAnon'), status('RssFile')\n"
         f"index = faiss.read_index({str(index_path)!r}, faiss.IO_FLAG_MMAP)\n"
         f"embeddings = ShardedEmbeddings([np.load(p, mmap_mode='r') for p in {[str(p) for p in shard_paths]!r}])\n"
         f"IVFIndex(index, embeddings, {{}}, {nprobe}, {rerank}).search(queries, 10)\n"
-        "print(rss() - before)\n"
+        "print(status('RssAnon') - before[0], status('RssFile') - before[1])\n"
     )
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return float(output.stdout.strip().splitlines()[-1])
+    anonymous, file_backed = output.stdout.strip().splitlines()[-1].split()
+    return float(anonymous), float(file_backed)
 
 
 def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], str]:
@@ -118,7 +124,9 @@ def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], s
                     f"| {kind} | {nprobe} | {rerank} | {recall:.3f} | {timing.min / queries_count * 1000:.2f} |"
                 )
                 if nprobe == 64:
-                    rss = _served_rss(path, shard_paths if rerank else [], queries_path, nprobe, rerank)
+                    anonymous, file_backed = _served_rss(
+                        path, shard_paths if rerank else [], queries_path, nprobe, rerank
+                    )
                     label = f"{kind}{' + exact re-rank of 100' if rerank else ''}, nprobe 64"
                     out.append(Row(f"{label}: recall@10 vs flat", recall, "", note=f"{queries_count} queries"))
                     out.append(
@@ -127,10 +135,11 @@ def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], s
                     out.append(
                         Row(
                             f"{label}: resident memory when served",
-                            rss,
+                            anonymous + file_backed,
                             "MiB",
                             baseline=rows * DIM * 4 / 2**20,
-                            note="fresh process, mmap index: VmRSS after search minus before opening",
+                            note=f"fresh process, mmap index, {queries_count} queries: {anonymous:.0f} MiB anonymous + "
+                            f"{file_backed:.0f} MiB file-backed (mapped index and shard pages the searches touched)",
                         )
                     )
     table = "| index | nprobe | re-rank | recall@10 | ms/query |\n|---|---|---|---|---|\n" + "\n".join(curves)
@@ -148,7 +157,7 @@ def encode_rows_bench(passages: int, workdir: Path) -> list[Row]:
     import ray
 
     from core.corpus import load_wiki
-    from core.corpus_stream import scan_corpus
+    from core.corpus_stream import scan_corpus, write_tsv
     from core.distributed import encode_shards_ray
     from core.pair import load_pair
     from core.shards import build_shards, plan_shards, shard_params
@@ -187,15 +196,61 @@ def encode_rows_bench(passages: int, workdir: Path) -> list[Row]:
     ]
 
 
-def write_tsv(path: Path, corpus) -> None:
-    """DPR's psgs_w100.tsv layout: a header, then id, text (csv-quoted), title."""
-    import csv
+def _anonymous_mib_of(code: str) -> float:
+    """Anonymous resident MiB a fresh process adds while running `code` (after its imports)."""
+    program = (
+        "import re\nfrom core.corpus import load_jsonl\nfrom core.passage_store import open_stored_corpus\n"
+        "anonymous = lambda: int(re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
+        f"before = anonymous()\n{code}\nprint(anonymous() - before)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
 
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+
+def store_rows(passages: int, workdir: Path) -> list[Row]:
+    """A corpus read from disk (core.passage_store) against the same corpus read into memory (load_jsonl)."""
+    import csv
+    import json
+
+    from core.corpus import load_wiki
+    from core.corpus_stream import scan_corpus
+    from core.passage_store import open_stored_corpus
+
+    wiki = load_wiki()
+    tsv, jsonl = workdir / "store.tsv", workdir / "store.jsonl"
+    with tsv.open("w", encoding="utf-8", newline="") as tsv_file, jsonl.open("w", encoding="utf-8") as jsonl_file:
+        writer = csv.writer(tsv_file, delimiter="\t", lineterminator="\n")
         writer.writerow(["id", "text", "title"])
-        for passage_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
-            writer.writerow([passage_id, text.replace("\n", " "), title])
+        for row in range(passages):
+            title, text = wiki.titles[row % len(wiki)], " ".join(wiki.texts[row % len(wiki)].split())
+            writer.writerow([row, text, title])
+            jsonl_file.write(json.dumps({"id": str(row), "title": title, "text": text}) + "\n")
+    scan = measure(scan_corpus, tsv, row_index=workdir / "store-index")
+    in_memory = _anonymous_mib_of(f"corpus = load_jsonl({str(jsonl)!r})")
+    stored = _anonymous_mib_of(f"corpus = open_stored_corpus({str(tsv)!r}, {str(workdir)!r})")
+    corpus = open_stored_corpus(tsv, workdir)
+    picks = np.random.default_rng(0).choice(passages, 1000, replace=False)
+    by_index = measure(lambda: [corpus.passage(int(i)) for i in picks])
+    by_id = measure(lambda: [corpus.position(str(i)) for i in picks])
+    size = tsv.stat().st_size / 2**20
+    return [
+        Row(
+            f"scan + row index of {passages:,} passages ({size:.0f} MiB .tsv)",
+            scan.min,
+            "s",
+            note=f"{scan.min / passages * 1e6:.1f} us/passage: fingerprint, bad lines, row positions, id lookup",
+        ),
+        Row(
+            "corpus held by the process: stored vs in memory",
+            stored,
+            "MiB",
+            baseline=in_memory,
+            note="anonymous RSS a fresh process adds: open_stored_corpus(.tsv) vs load_jsonl(same rows as .jsonl)",
+        ),
+        # 1000 passages in `min` seconds: `min` is also the milliseconds per passage
+        Row("read one passage by row (stored)", by_index.min, "ms", note="1000 random rows, fresh row cache"),
+        Row("find one passage by id (stored)", by_id.min, "ms", note="1000 random ids (rows cached)"),
+    ]
 
 
 def run(part: str = "all") -> tuple[list[Row], str]:
@@ -205,6 +260,8 @@ def run(part: str = "all") -> tuple[list[Row], str]:
         workdir = Path(directory)
         if part in ("all", "encode"):
             rows += encode_rows_bench(sized(512, 32), workdir)
+        if part in ("all", "store"):
+            rows += store_rows(sized(200_000, 5_000), workdir)
         if part in ("all", "ivf"):
             ivf, curve = ivf_rows(sized(1_000_000, 20_000), sized(1000, 50), workdir)
             rows += ivf
@@ -213,7 +270,7 @@ def run(part: str = "all") -> tuple[list[Row], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=("all", "ivf", "encode"), default="all")
+    parser.add_argument("--part", choices=("all", "ivf", "encode", "store"), default="all")
     args = parse_args(parser)
     results = Results(NAME, TITLE)
     started = time.perf_counter()
@@ -221,7 +278,8 @@ def main() -> None:
     description = __doc__.split("\n\n", 2)[2] + f"\n\nTotal {time.perf_counter() - started:.0f} s."
     if curve:
         description += "\n\nRecall@10 and latency against nprobe (same run):\n\n" + curve
-    results.report({"all": "Speed", "ivf": "IVF vs flat", "encode": "Encoding"}[args.part], rows, description)
+    sections = {"all": "Speed", "ivf": "IVF vs flat", "encode": "Encoding", "store": "Passage store"}
+    results.report(sections[args.part], rows, description)
 
 
 if __name__ == "__main__":

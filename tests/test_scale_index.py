@@ -26,7 +26,8 @@ def clustered(rows: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_ivf_recall_at_the_default_nprobe(tmp_path):
+@pytest.mark.parametrize("kind", ["sq8", "pq"])
+def test_ivf_recall_at_the_default_nprobe(tmp_path, kind):
     base, queries = clustered(200_000, 64, 0), clustered(300, 64, 1)
     params = {
         "model": "synthetic",
@@ -43,13 +44,13 @@ def test_ivf_recall_at_the_default_nprobe(tmp_path):
     from core.ivf import build_ivf
     from core.shards import ShardSet
 
-    card = build_ivf(ShardSet.open(tmp_path), IVFSettings(card_queries=100))
+    card = build_ivf(ShardSet.open(tmp_path), IVFSettings(kind=kind, card_queries=100))
     index = open_index(tmp_path)
     assert isinstance(index, IVFIndex) and len(index) == 200_000 and index.nprobe == IVFSettings.nprobe
     _, found = index.search(queries, 10)
     exact = exact_top_k(base, queries, 10)
     assert recall_at_k(found, exact) >= 0.9
-    assert card["recall_at_10"] >= 0.9 and card["factory"].startswith("IVF512,PQ")
+    assert card["recall_at_10"] >= 0.9 and card["factory"] == f"IVF512,{'SQ8' if kind == 'sq8' else 'PQ64'}"
     assert index.params["index"] != open_index(tmp_path, nprobe=4).params["index"]  # no shared cache entries
     np.testing.assert_array_equal(index.embeddings[123_456], base[123_456])
 
