@@ -1,6 +1,9 @@
-"""The charts that `python -m core report` draws as well as the pages: built from core results, Altair only."""
+"""The charts that `python -m core report` draws as well as the pages: built from core results with Altair,
+and word clouds with wordcloud."""
 
 from __future__ import annotations
+
+import io
 
 import altair as alt
 import pandas as pd
@@ -71,3 +74,21 @@ def deletion_chart(frame: pd.DataFrame) -> alt.Chart:
         )
         .properties(height=300)
     )
+
+
+def word_cloud_png(weights: dict[str, float], colormap: str) -> bytes:
+    """A 480 x 300 PNG word cloud, word size by weight (the same layout for the same weights: seeded)."""
+    from wordcloud import WordCloud
+
+    cloud = WordCloud(
+        width=480,
+        height=300,
+        background_color="white",
+        colormap=colormap,
+        prefer_horizontal=0.95,
+        random_state=0,
+        collocations=False,
+    )
+    buffer = io.BytesIO()
+    cloud.generate_from_frequencies(weights).to_image().save(buffer, format="PNG")
+    return buffer.getvalue()

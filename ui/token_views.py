@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -10,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core.corpus import Corpus
+from core.figures import word_cloud_png
 from core.token_attribution import DELTA_TOLERANCE, IGSettings, RankingAttribution, TokenAttribution, token_rows
 from ui.render import escape
 
@@ -106,24 +106,7 @@ def show_tokens(attribution: TokenAttribution) -> None:
     show_completeness(attribution)
 
 
-def render_cloud_png(weights: dict[str, float], colormap: str) -> bytes:
-    from wordcloud import WordCloud
-
-    cloud = WordCloud(
-        width=480,
-        height=300,
-        background_color="white",
-        colormap=colormap,
-        prefer_horizontal=0.95,
-        random_state=0,
-        collocations=False,
-    )
-    buffer = io.BytesIO()
-    cloud.generate_from_frequencies(weights).to_image().save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-cloud_png = st.cache_data(show_spinner=False, max_entries=64)(render_cloud_png)
+cloud_png = st.cache_data(show_spinner=False, max_entries=64)(word_cloud_png)
 
 
 def attribution_frame(ranking: RankingAttribution, corpus: Corpus) -> pd.DataFrame:
