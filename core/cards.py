@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
 
 from .corpus import HELD_OUT_PERCENT
-from .evaluation import Evaluation
+from .evaluation import Evaluation, paired_difference
 from .index import PASSAGE_MAX_LENGTH
 from .pair import LENS_CONFIG
 from .pretraining import PretrainConfig, PretrainReport
@@ -45,6 +45,19 @@ def _storage(save_fp16: bool) -> str:
     return "float16 safetensors" if save_fp16 else "float32 safetensors"
 
 
+def difference_lines(evaluations: Mapping[str, Evaluation], names=("R@1", "R@10")) -> str:
+    """The last row's model against each earlier row's, query by query: mean difference, 95% paired interval."""
+    *earlier, (last_label, last) = evaluations.items()
+    lines = []
+    for label, evaluation in earlier:
+        cells = []
+        for name in names:
+            mean, low, high = paired_difference(evaluation.per_query[name], last.per_query[name])
+            cells.append(f"{name} {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"- {last_label.split(':')[0]} minus {label.split(':')[0]} (paired): " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def dpr_twin_card(
     output: Path,
     command: str,
@@ -52,10 +65,10 @@ def dpr_twin_card(
     report: TrainReport,
     descriptions: Mapping[str, Evaluation],
     corpus_size: int,
-    questions: Mapping[str, Evaluation] | None = None,
-    questions_note: str = "",
+    question_sets: Sequence[tuple[str, Mapping[str, Evaluation]]] = (),
 ) -> str:
-    """The card of a trained twin; `descriptions` and `questions` map row labels to evaluations, in row order."""
+    """The card of a trained twin; `descriptions` and each question set's evaluations map row labels to
+    evaluations, in row order (the twin last); a question set comes with the note that describes it."""
     base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
     lens = json.loads((output / LENS_CONFIG).read_text())
     similarity = (
@@ -64,9 +77,11 @@ def dpr_twin_card(
         else "dot products (no normalisation, as in DPR)"
     )
     first, last = report.losses[:LOSS_WINDOW], report.losses[-LOSS_WINDOW:]
-    question_section = ""
-    if questions:
-        question_section = f"\n\n### Natural questions\n\n{questions_note}\n\n{results_table(questions)}"
+    question_section = "".join(
+        f"\n\n### Natural questions, set {number}\n\n{note}\n\n{results_table(evaluations)}\n\n"
+        f"{difference_lines(evaluations)}"
+        for number, (note, evaluations) in enumerate(question_sets, start=1)
+    )
     return fill(
         "dpr_twin_card.md",
         name=output.name,
@@ -95,7 +110,7 @@ def dpr_twin_card(
         storage=_storage(config.save_fp16),
         queries=next(iter(descriptions.values())).queries,
         index_max_length=PASSAGE_MAX_LENGTH,
-        description_table=results_table(descriptions),
+        description_table=results_table(descriptions) + "\n\n" + difference_lines(descriptions),
         question_section=question_section,
     )
 

@@ -4,11 +4,13 @@ word-clouds, patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from .bundles import retrieval_bundle, token_bundle
 from .cache import ResultCache
 from .cards import dpr_twin_card, mlm_card
 from .cka import INPUTS, layer_similarity
-from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_from_args
+from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_command, config_from_args
 from .corpus import CorpusError, LabelledQuery, description_queries, is_held_out, load_corpus, split_indices
 from .corpus_stream import load_scan
 from .device import DEVICE_ENV, ENCODE_DTYPE_ENV, ENCODE_DTYPES, use_device
@@ -57,6 +59,7 @@ from .neuron_attribution import DEFAULT_STEPS, DEFAULT_THRESHOLD, SITES, aggrega
 from .overlap import COUNTS, neuron_overlap
 from .pair import DEFAULT_PRESET, PRESETS, ModelSpec, load_encoder, load_pair
 from .paraphrase import DEFAULT_K, Need, load_needs, paraphrase_agreement
+from .passage_store import store_directory
 from .patching import DIRECTIONS, PATCH_SITES, aggregate_patching, patch_query
 from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
 from .probing import NEGATIVE_SOURCES, ProbeConfig, format_table, run_probing
@@ -74,7 +77,14 @@ from .token_attribution import (
 from .training import TrainConfig, TrainReport, save_twin, train_dpr
 
 CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
-NATURAL_QUESTIONS = "assets/natural_questions.jsonl"  # hand-written questions about bundled Wikipedia articles
+# Hand-written questions about held-out bundled Wikipedia articles: the first set chose the twin's training
+# recipe; the second was written before any model was scored on it and chose nothing.
+NATURAL_QUESTIONS = "assets/natural_questions.jsonl"
+NATURAL_QUESTIONS_TEST = "assets/natural_questions_test.jsonl"
+QUESTION_SET_ROLES = {
+    NATURAL_QUESTIONS: "the development set: the training recipe was chosen on it",
+    NATURAL_QUESTIONS_TEST: "the test set: written before any model was scored on it, and not used to choose anything",
+}
 DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"
 # ProbeConfig and IGSettings carry no command-line metadata of their own.
 PROBE_OPTIONS = {
@@ -163,13 +173,14 @@ def _command_line() -> str:
 
 
 def _held_out_evaluations(
-    corpus, cache_directory: str | None, specs: list[ModelSpec], extra: list[LabelledQuery] | None = None
-) -> tuple[list[Evaluation], list[Evaluation]]:
-    """Each model on the held-out description -> article queries (and on `extra` queries), printed as it finishes."""
+    corpus, cache_directory: str | None, specs: list[ModelSpec], extra: Sequence[list[LabelledQuery]] = ()
+) -> tuple[list[Evaluation], list[list[Evaluation]]]:
+    """Each model on the held-out description -> article queries, and on each `extra` query set (one list of
+    evaluations, in model order, per set); printed as they finish."""
     cache = ResultCache(cache_directory)
     _, held_out = split_indices(corpus)
     queries = description_queries(corpus, held_out)
-    evaluations, extra_evaluations = [], []
+    evaluations, extra_evaluations = [], [[] for _ in extra]
     for spec in specs:
         encoder = load_encoder(spec)
         evaluations.append(
@@ -178,17 +189,19 @@ def _held_out_evaluations(
             )
         )
         print(spec.label, {k: round(v, 4) for k, v in evaluations[-1].means.items()})
-        if extra:
-            extra_evaluations.append(evaluate_encoder(encoder, corpus, extra, cache))
-            print(f"{spec.label} (questions)", {k: round(v, 4) for k, v in extra_evaluations[-1].means.items()})
+        for number, query_set in enumerate(extra):
+            extra_evaluations[number].append(evaluate_encoder(encoder, corpus, query_set, cache))
+            means = {k: round(v, 4) for k, v in extra_evaluations[number][-1].means.items()}
+            print(f"{spec.label} (question set {number + 1})", means)
     return evaluations, extra_evaluations
 
 
 def _questions_note(path: str, queries: list[LabelledQuery], corpus) -> str:
     held_out = sum(all(is_held_out(corpus.titles[i]) for i in q.relevant) for q in queries)
+    role = f", {QUESTION_SET_ROLES[path]}" if path in QUESTION_SET_ROLES else ""
     return (
-        f'{len(queries)} hand-written questions from `{path}` (e.g. "{queries[0].text}"), each with its gold '
-        f"article(s); {held_out} of them have only held-out gold articles."
+        f'{len(queries)} hand-written questions from `{path}`{role} (e.g. "{queries[0].text}"), each with its '
+        f"gold article(s); {held_out} of them have only held-out gold articles."
     )
 
 
@@ -210,18 +223,39 @@ def cmd_pretrain(args) -> None:
     (output / "README.md").write_text(mlm_card(command, config, report, dict(zip(poolings, evaluations)), len(corpus)))
 
 
+def _question_sets(args, corpus) -> list[tuple[str, list[LabelledQuery]]]:
+    paths = args.questions_jsonl or (() if args.corpus else (NATURAL_QUESTIONS, NATURAL_QUESTIONS_TEST))
+    return [(str(path), load_query_file(path, corpus)) for path in paths]
+
+
 def cmd_train(args) -> None:
     command = _command_line()
     config = config_from_args(TrainConfig, args)
     corpus = load_corpus(args.corpus)
-    questions_path = args.questions_jsonl or (None if args.corpus else NATURAL_QUESTIONS)
-    questions = load_query_file(questions_path, corpus) if questions_path and not args.no_eval else None
+    question_sets = [] if args.no_eval else _question_sets(args, corpus)
     encoder, report = train_dpr(config, corpus)
     output = save_twin(encoder, config, report)
     print(f"saved {output} after {report.steps} steps in {report.seconds:.0f} s")
     if args.no_eval:
         return
-    write_twin_card(output, command, config, report, corpus, args.cache, questions, questions_path, args.compare)
+    write_twin_card(output, command, config, report, corpus, args.cache, question_sets, args.compare)
+
+
+def cmd_twin_card(args) -> None:
+    """The card of a twin trained earlier (its train_log.json), evaluated now; the command shown is the training
+    command that makes this directory."""
+    twin = Path(args.twin)
+    log_path = twin / "train_log.json"
+    if not log_path.is_file():
+        raise LensError(f"{twin} has no train_log.json: it was not made by `python -m core train`.")
+    logged = json.loads(log_path.read_text())
+    config = TrainConfig(**{**logged["config"], "output": str(twin)})
+    config = dataclasses.replace(config, query_styles=tuple(config.query_styles))
+    report = TrainReport(**logged)
+    corpus = load_corpus(args.corpus)
+    command = config_command(TrainConfig, config, "python -m core train")
+    write_twin_card(twin, command, config, report, corpus, args.cache, _question_sets(args, corpus), args.compare)
+    print(f"wrote {twin / 'README.md'}")
 
 
 def write_twin_card(
@@ -231,16 +265,15 @@ def write_twin_card(
     report: TrainReport,
     corpus,
     cache_directory: str | None,
-    questions: list[LabelledQuery] | None,
-    questions_path: str | Path | None,
+    question_sets: Sequence[tuple[str, list[LabelledQuery]]] = (),
     compare: str | None = None,
 ) -> None:
-    """README.md of a trained twin: its base, optionally an earlier twin, and the twin itself on both query sets."""
+    """README.md of a trained twin: its base, optionally an earlier twin, and the twin itself on every query set."""
     specs = [ModelSpec(f"before: {config.base}", config.base)]
     if compare:
         specs.append(ModelSpec(f"previous twin: {compare}", compare))
     specs.append(ModelSpec("after: this model", str(output)))
-    descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, questions)
+    descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, [q for _, q in question_sets])
     labels = [spec.label for spec in specs]
     card = dpr_twin_card(
         output,
@@ -249,8 +282,10 @@ def write_twin_card(
         report,
         dict(zip(labels, descriptions)),
         len(corpus),
-        dict(zip(labels, answers)) if questions else None,
-        _questions_note(str(questions_path), questions, corpus) if questions else "",
+        [
+            (_questions_note(path, queries, corpus), dict(zip(labels, evaluations)))
+            for (path, queries), evaluations in zip(question_sets, answers)
+        ],
     )
     (output / "README.md").write_text(card)
 
@@ -283,7 +318,9 @@ def _build_sharded_index(args) -> None:
     output = Path(args.output) if args.output else index_dir_from_env() or Path("indexes")
     settings = config_from_args(IVFSettings, args)
     scan_bar = tqdm(desc="scanning corpus", unit="passage")
-    scan = load_scan(args.corpus, output, progress=lambda rows: scan_bar.update(rows - scan_bar.n))
+    scan = load_scan(
+        args.corpus, store_directory(output, args.corpus), progress=lambda rows: scan_bar.update(rows - scan_bar.n)
+    )
     scan_bar.close()
     print(f"{Path(scan.path).name}: {scan.rows:,} passages, {scan.bad_rows} bad rows skipped")
     for warning in scan.warnings[:10]:
@@ -660,11 +697,7 @@ def cmd_patch(args) -> None:
         return
     if not options.query:
         raise LensError("Give --query or --queries N.")
-    passage = None
-    if args.passage is not None:
-        if args.passage not in corpus.ids:
-            raise CorpusError(f"Corpus {corpus.name} has no passage with id {args.passage!r}.")
-        passage = corpus.ids.index(args.passage)
+    passage = _passage_index(corpus, args.passage)
     result = patch_query(pair, index_b, corpus, options.query, passage, cache)
     payload = {
         "query": result.query,
@@ -811,9 +844,10 @@ class FaithfulnessOptions:
 def _passage_index(corpus, passage_id: str | None) -> int | None:
     if passage_id is None:
         return None
-    if passage_id not in corpus.ids:
+    position = corpus.position(passage_id)
+    if position is None:
         raise CorpusError(f"Corpus {corpus.name} has no passage with id {passage_id!r}.")
-    return corpus.ids.index(passage_id)
+    return position
 
 
 def cmd_token_pairs(args) -> None:
@@ -1005,6 +1039,16 @@ def _command(commands, name: str, help: str, func) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--questions-jsonl",
+        nargs="+",
+        help=f"labelled query sets also scored on the card (default: {NATURAL_QUESTIONS} and "
+        f"{NATURAL_QUESTIONS_TEST} on the bundled corpus)",
+    )
+    parser.add_argument("--compare", metavar="MODEL", help="an earlier twin to show on the card too (e.g. a copy)")
+
+
 def _add_pair_and_corpus(parser: argparse.ArgumentParser, corpus_help: str = CORPUS_HELP) -> None:
     parser.add_argument("--pair", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model pair preset")
     parser.add_argument("--corpus", help=corpus_help)
@@ -1039,11 +1083,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, TrainConfig)
     train.add_argument("--corpus", help=CORPUS_HELP)
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and card")
-    train.add_argument(
-        "--questions-jsonl",
-        help=f"labelled queries also scored on the card (default: {NATURAL_QUESTIONS} on the bundled corpus)",
-    )
-    train.add_argument("--compare", metavar="MODEL", help="an earlier twin to show on the card too (e.g. a copy)")
+    _add_card_arguments(train)
+
+    card = _command(commands, "twin-card", "evaluate a trained twin again and rewrite its card", cmd_twin_card)
+    card.add_argument("--twin", required=True, help="the twin's directory (with its train_log.json)")
+    card.add_argument("--corpus", help=CORPUS_HELP)
+    _add_card_arguments(card)
 
     build = _command(commands, "build-index", "encode the corpus for both models of a pair", cmd_build_index)
     _add_pair_and_corpus(build)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -78,3 +79,21 @@ def config_from_args(config_class: type[Config], args: argparse.Namespace, **cha
             value = getattr(args, config_field.name)
             values[config_field.name] = tuple(value) if isinstance(value, list) else value
     return config_class(**(values | changes))
+
+
+def config_command(config_class: type, config: Any, prefix: str) -> str:
+    """`prefix` and the options that give `config` from `add_config_arguments`: its fields that differ from
+    their defaults, in field order."""
+    words = [prefix]
+    for config_field in dataclasses.fields(config_class):
+        value = getattr(config, config_field.name)
+        if value == config_field.default:
+            continue
+        flag = (config_field.metadata.get("flags") or ("--" + config_field.name.replace("_", "-"),))[0]
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, tuple):
+            words += [flag, *(shlex.quote(str(item)) for item in value)]
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)

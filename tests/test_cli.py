@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from pathlib import Path
 
 import pytest
 
 from core.cards import dpr_twin_card, mlm_card
 from core.cli import AggregateOptions, build_parser, ig_settings, main, probe_config
-from core.cli_args import add_config_arguments, cli_option, config_from_args
+from core.cli_args import add_config_arguments, cli_option, config_command, config_from_args
 from core.evaluation import Evaluation
 from core.pretraining import PretrainConfig, PretrainReport
 from core.probing import ProbeConfig
@@ -132,9 +133,10 @@ def test_a_field_without_a_default_cannot_be_an_option():
         add_config_arguments(argparse.ArgumentParser(), Required)
 
 
-def evaluation(value: float) -> Evaluation:
+def evaluation(value: float, hits: tuple[float, ...] = (0.0, 1.0, 1.0, 1.0)) -> Evaluation:
     names = ("R@1", "R@10", "MRR@10", "nDCG@10")
-    return Evaluation("m", 99, dict.fromkeys(names, value), dict.fromkeys(names, (value - 0.01, value + 0.01)), {}, [])
+    means, intervals = dict.fromkeys(names, value), dict.fromkeys(names, (value - 0.01, value + 0.01))
+    return Evaluation("m", 99, means, intervals, {name: list(hits) for name in names}, [])
 
 
 def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
@@ -149,16 +151,24 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
         report,
         dict(zip(models, map(evaluation, (0.2, 0.3, 0.4)))),
         350,
-        dict(zip(models, map(evaluation, (0.5, 0.6, 0.7)))),
-        "69 hand-written questions",
+        [
+            ("69 hand-written questions", dict(zip(models, map(evaluation, (0.5, 0.6, 0.7))))),
+            (
+                "59 other questions",
+                {models[0]: evaluation(0.5, (0, 0, 1, 1)), models[2]: evaluation(1.0, (1, 1, 1, 1))},
+            ),
+        ],
     )
     assert "40 steps in 2.5 min on 3 CPU cores (arm64, 3 torch threads);" in card
     assert "loss 2.000 (first 20 steps) -> 1.000 (last 20 steps)" in card
     assert "Stored as float32 safetensors" in card and "dot products (no normalisation" in card
     assert "styles `description`, `question`," in card and "| model | R@1 | R@10 | MRR@10 | nDCG@10 |" in card
     assert "| previous twin: old | 0.300 [0.290, 0.310] | 0.300 [0.290, 0.310] |" in card
-    questions = card[card.index("69 hand-written questions") :]
+    questions = card[card.index("### Natural questions, set 1\n\n69 hand-written questions") :]
     assert "| after: this model | 0.700 [0.690, 0.710] |" in questions and "$" not in card
+    assert "- after minus previous twin (paired): R@1 +0.000 [+0.000, +0.000]" in questions
+    other = card[card.index("### Natural questions, set 2\n\n59 other questions") :]
+    assert "- after minus before (paired): R@1 +0.500 [" in other and "previous twin" not in other
 
     pretrain = PretrainReport(
         {},
@@ -180,3 +190,21 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
     )
     assert "1.0 min on 3 CPU cores (arm64, 3 torch threads)" in card and "FFN 256" in card
     assert "20% of the tokens" in card and "| 10 | 1.0 | 5.500 | 0.125 |" in card and "$" not in card
+
+
+def test_a_config_becomes_the_command_that_gives_it_back():
+    config = TrainConfig(
+        base="minilm:",
+        output="out dir",
+        learning_rate=1e-5,
+        max_steps=360,
+        save_fp16=False,
+        query_styles=("ict", "question"),
+    )
+    command = config_command(TrainConfig, config, "python -m core train")
+    assert command == (
+        "python -m core train --output 'out dir' --lr 1e-05 --max-steps 360 --no-save-fp16 --query-styles ict question"
+    )
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    assert config_from_args(TrainConfig, parser.parse_args(shlex.split(command)[4:])) == config
