@@ -149,7 +149,9 @@ def sidebar() -> Selection:
     else:
         _keep("corpus_path", "")
         corpus_path = st.sidebar.text_input(
-            "Custom corpus (JSONL path: id, title, text per line; empty = bundled Wikipedia)", key="corpus_path"
+            "Custom corpus (path: .jsonl with id, title, text per line, or DPR's .tsv, or .parquet; "
+            "empty = bundled Wikipedia)",
+            key="corpus_path",
         ).strip()
         _remember("corpus_path")
         corpus_digest = ""
