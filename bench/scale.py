@@ -33,6 +33,7 @@ from core.shards import ShardedEmbeddings
 NAME, TITLE = "scale", "Scale benchmark: sharded encoding and the IVF index"
 DIM, CENTRES, NOISE = 768, 4096, 0.4
 NPROBES = (16, 32, 64, 128)
+RERANKS = (0, 100, 1000)
 
 
 def synthetic(rows: int, seed: int, dim: int = DIM, block: int = 131_072) -> np.ndarray:
@@ -115,7 +116,7 @@ def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], s
             )
         )
         out.append(Row(f"{kind}: index on disk", path.stat().st_size / 2**20, "MiB", baseline=rows * DIM * 4 / 2**20))
-        for rerank in (0, 100):
+        for rerank in RERANKS:
             for nprobe in NPROBES:
                 searcher = IVFIndex(served, embeddings, {}, nprobe, rerank)
                 timing = measure(lambda searcher=searcher: searcher.search(queries, 10)[1])
@@ -127,7 +128,7 @@ def ivf_rows(rows: int, queries_count: int, workdir: Path) -> tuple[list[Row], s
                     anonymous, file_backed = _served_rss(
                         path, shard_paths if rerank else [], queries_path, nprobe, rerank
                     )
-                    label = f"{kind}{' + exact re-rank of 100' if rerank else ''}, nprobe 64"
+                    label = f"{kind}{f' + exact re-rank of {rerank}' if rerank else ''}, nprobe 64"
                     out.append(Row(f"{label}: recall@10 vs flat", recall, "", note=f"{queries_count} queries"))
                     out.append(
                         Row(f"{label}: latency per query", timing.min / queries_count * 1000, "ms", baseline=flat_ms)

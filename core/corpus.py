@@ -89,6 +89,11 @@ class Corpus:
         )
 
     def head(self, n: int) -> Corpus:
+        if self.store is not None:  # one sequential read instead of a seek per row and field
+            from .corpus_stream import read_rows
+
+            ids, titles, texts = zip(*read_rows(self.store.scan, 0, n))
+            return Corpus(f"{self.name}[:{n}]", ids, titles, texts, warnings=self.warnings)
         return self.subset(range(min(n, len(self))), name=f"{self.name}[:{n}]")
 
 
@@ -177,6 +182,11 @@ def is_held_out(title: str) -> bool:
 
 
 def split_indices(corpus: Corpus) -> tuple[list[int], list[int]]:
+    if corpus.store is not None:  # reading every title of a corpus on disk to split it would take hours at 21M
+        raise CorpusError(
+            f"{corpus.name} is read from disk: the held-out split and its description queries need a corpus in "
+            "memory with descriptions (the bundled Wikipedia); give your own queries (--queries-jsonl) instead."
+        )
     train, held_out = [], []
     for index, title in enumerate(corpus.titles):
         (held_out if is_held_out(title) else train).append(index)
@@ -207,8 +217,8 @@ def description_queries(corpus: Corpus, indices: Sequence[int]) -> list[Labelled
 
 def load_corpus(path: str | Path | None = None, limit: int | None = None) -> Corpus:
     """The bundled Wikipedia without a path, else the corpus file: a JSONL file in memory, or, for .tsv
-    (DPR's psgs_w100), .parquet and large JSONL files, a corpus read from disk (`core.passage_store`).
-    Only its first `limit` passages if given."""
+    (DPR's psgs_w100) and .parquet, a corpus read from disk (`core.passage_store`). Only its first `limit`
+    passages if given."""
     if path:
         from .passage_store import is_stored_format, open_stored_corpus  # it builds on this module
 

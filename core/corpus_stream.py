@@ -20,14 +20,17 @@ import csv
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .corpus import Corpus, CorpusError
 
+csv.field_size_limit(2**31 - 1)  # a passage is one field; the default limit (128 KiB) would fail on long ones
 CHECKPOINT_ROWS = 10_000
 MAX_WARNINGS = 100
 SCAN_FILE = "corpus-scan.json"
@@ -79,8 +82,12 @@ def corpus_rows_fingerprint(corpus: Corpus) -> str:
 
 
 def _parse_tsv(line: str, line_number: int) -> Row | str:
-    """A row, or the reason it is bad. DPR quotes text fields csv-style ("" inside quotes)."""
-    fields = next(csv.reader([line], delimiter="\t"), [])
+    """A row, or the reason it is bad. DPR quotes text fields csv-style ("" inside quotes); a quoted field
+    cannot span lines here (each line is read on its own), so an unclosed quote makes the line bad."""
+    try:
+        fields = next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error as error:
+        return f"malformed quoting ({error})"
     if len(fields) != 3:
         return f"{len(fields)} tab-separated fields, expected 3 (id, text, title)"
     passage_id, text, title = fields
@@ -144,14 +151,48 @@ def _check_tsv_header(header: str, path: Path) -> None:
         )
 
 
-def _parquet_records(path: Path, first_row: int) -> Iterator[tuple[int, int, Row | str]]:
+def _open_parquet(path: Path):
+    """The Parquet file and the columns read from it; a file pyarrow cannot read is a CorpusError."""
+    import pyarrow
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise CorpusError(f"{path.name} is not a readable Parquet file ({error}).") from None
     names = set(parquet.schema_arrow.names)
     if "text" not in names:
         raise CorpusError(f"{path.name} has no 'text' column (columns: {', '.join(sorted(names))}).")
-    columns = [name for name in ("id", "title", "text") if name in names]
+    return parquet, [name for name in ("id", "title", "text") if name in names]
+
+
+class ParquetRows:
+    """File rows of one Parquet file by number: the row group is found by bisection and the last few decoded
+    groups are kept, so reading passages near each other decodes each group once. Not thread-safe: callers lock."""
+
+    KEPT_GROUPS = 2
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.parquet, self.columns = _open_parquet(self.path)
+        sizes = [self.parquet.metadata.row_group(g).num_rows for g in range(self.parquet.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._groups: dict[int, Any] = {}
+
+    def record(self, file_row: int) -> Row | str:
+        group = int(np.searchsorted(self.starts, file_row, side="right")) - 1
+        if not 0 <= group < len(self.starts) - 1:
+            return f"row {file_row + 1} is gone"
+        if group not in self._groups:
+            if len(self._groups) >= self.KEPT_GROUPS:
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[group] = self.parquet.read_row_group(group, columns=self.columns)
+        table = self._groups[group]
+        return _parse_record(table.slice(file_row - int(self.starts[group]), 1).to_pylist()[0], file_row + 1)
+
+
+def _parquet_records(path: Path, first_row: int) -> Iterator[tuple[int, int, Row | str]]:
+    parquet, columns = _open_parquet(path)
     group_start = 0
     for group in range(parquet.num_row_groups):
         group_rows = parquet.metadata.row_group(group).num_rows
@@ -202,8 +243,15 @@ class CorpusScan:
             return None
 
 
+def _temporary_beside(path: Path, suffix: str) -> Path:
+    """A new, uniquely named file in `path`'s directory: concurrent writers (processes or threads) never share one."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = _temporary_beside(path, ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 
@@ -248,7 +296,10 @@ def scan_corpus(path: str | Path, progress=None, row_index: Path | None = None) 
     hash_array = np.frombuffer(hashes, dtype=np.uint64)
     order = _check_unique(hash_array, np.frombuffer(line_numbers, dtype=np.uint64), path)
     if row_index is not None:
-        row_index.mkdir(parents=True, exist_ok=True)
+        try:
+            row_index.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CorpusError(f"Cannot write the corpus's row index to {row_index}: {error.strerror}.") from None
         line_array = np.frombuffer(line_numbers, dtype=np.uint64)
         _atomic_save(row_index / ROW_POSITIONS, np.stack([np.frombuffer(positions, dtype=np.uint64), line_array], 1))
         _atomic_save(row_index / ID_LOOKUP, np.stack([hash_array[order], order.astype(np.uint64)], axis=1))
@@ -268,7 +319,7 @@ def scan_corpus(path: str | Path, progress=None, row_index: Path | None = None) 
 
 
 def _atomic_save(path: Path, array_: np.ndarray) -> None:
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    temporary = _temporary_beside(path, ".tmp.npy")
     np.save(temporary, array_)
     os.replace(temporary, path)
 
@@ -313,12 +364,13 @@ def write_tsv(path: Path, corpus: Corpus) -> None:
             writer.writerow([passage_id, text.replace("\n", " "), title])
 
 
-def read_row_at(scan: CorpusScan, position: int, line_number: int) -> Row:
+def read_row_at(scan: CorpusScan, position: int, line_number: int, parquet: ParquetRows | None = None) -> Row:
     """The usable row that starts at `position` (a byte offset, or the file row for Parquet) of the scanned file;
-    `line_number` is its line (a JSONL record without an id is named by it)."""
+    `line_number` is its line (a JSONL record without an id is named by it). For Parquet, pass a ParquetRows
+    of the file to keep its decoded row groups between calls."""
     name = Path(scan.path).name
     if scan.format == "parquet":
-        parsed = next(_parquet_records(Path(scan.path), position), (0, 0, f"row {position + 1} is gone"))[2]
+        parsed = (parquet or ParquetRows(Path(scan.path))).record(position)
     else:
         with open(scan.path, "rb") as handle:
             handle.seek(position)

@@ -31,6 +31,7 @@ INDEX_FILE, CARD_JSON, CARD_MD = "ivf.index", "index-card.json", "index-card.md"
 INDEX_DIR_ENV_VAR = "DPR_LENS_INDEX_DIR"
 NPROBE_ENV_VAR = "DPR_LENS_NPROBE"
 KINDS = ("pq", "sq8")
+RERANK_BLOCK_FLOATS = 2**26  # candidates' vectors gathered at once for re-ranking: 256 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,12 @@ class IVFIndex:
         if not self.rerank:
             return scores[:, :k], rows[:, :k]
         found = rows >= 0  # -1: fewer candidates than asked in the probed lists
-        vectors = self.embeddings.rows(np.where(found, rows, 0))
-        exact = np.where(found, np.einsum("qcd,qd->qc", vectors, queries), -np.inf).astype(np.float32)
+        exact = np.full(rows.shape, -np.inf, dtype=np.float32)
+        block = max(1, RERANK_BLOCK_FLOATS // (rows.shape[1] * queries.shape[1]))  # bounds the gathered vectors
+        for start in range(0, len(queries), block):
+            part = slice(start, start + block)
+            vectors = self.embeddings.rows(np.where(found[part], rows[part], 0))
+            exact[part] = np.where(found[part], np.einsum("qcd,qd->qc", vectors, queries[part]), -np.inf)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
 

@@ -108,8 +108,13 @@ class NeedAgreement:
 
 
 def gold_index(corpus: Corpus, title: str | None) -> int | None:
+    """The gold passage: by id first (the bundled corpus's ids are its titles), then by title in memory only
+    (a corpus on disk is not read through to find a title)."""
     if title is None:
         return None
+    found = corpus.position(title)
+    if found is not None or corpus.store is not None:
+        return found
     try:
         return corpus.titles.index(title)
     except ValueError:

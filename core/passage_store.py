@@ -1,4 +1,4 @@
-"""A corpus that stays on disk: DPR's psgs_w100.tsv, Parquet or a large JSONL, read one passage at a time.
+"""A corpus that stays on disk: DPR's psgs_w100.tsv or Parquet (or a JSONL file), read one passage at a time.
 
 At 21M passages the text is about 13 GB, so the app cannot hold it. The store keeps two memory-mapped
 arrays made by the corpus scan (`core.corpus_stream`): the position of every usable row in the file, and
@@ -23,7 +23,9 @@ from .corpus import Corpus, CorpusError
 from .corpus_stream import (
     ID_LOOKUP,
     ROW_POSITIONS,
+    SCAN_FILE,
     CorpusScan,
+    ParquetRows,
     Row,
     corpus_format,
     id_hash,
@@ -32,18 +34,16 @@ from .corpus_stream import (
     read_rows,
 )
 
-IN_MEMORY_LIMIT_BYTES = 256 * 2**20  # a JSONL file above this is stored, not read into memory
 ROW_CACHE = 4096
 ID, TITLE, TEXT = 0, 1, 2
 
 
 def is_stored_format(path: str | Path) -> bool:
-    """TSV and Parquet corpora are always stored; a JSONL file when it is larger than IN_MEMORY_LIMIT_BYTES."""
+    """TSV and Parquet corpora are read from disk; JSONL files (and any other ending) into memory, as always."""
     try:
-        fmt = corpus_format(path)
+        return corpus_format(path) != "jsonl"
     except CorpusError:
-        return False  # read as JSONL, as any file without a known ending always was
-    return fmt != "jsonl" or Path(path).stat().st_size > IN_MEMORY_LIMIT_BYTES
+        return False
 
 
 def store_directory(root: Path, path: str | Path) -> Path:
@@ -56,13 +56,18 @@ class PassageStore:
     """Rows of one scanned corpus file, read on demand; recently read rows are kept (at most ROW_CACHE)."""
 
     def __init__(self, scan: CorpusScan, directory: Path):
-        self.scan, self.directory = scan, Path(directory)
-        self.positions = np.load(self.directory / ROW_POSITIONS, mmap_mode="r")
-        self.id_lookup = np.load(self.directory / ID_LOOKUP, mmap_mode="r")
-        if len(self.positions) != scan.rows or len(self.id_lookup) != scan.rows:
-            raise CorpusError(f"The row index in {self.directory} does not match {Path(scan.path).name}; rescan it.")
+        self.scan, self.directory = scan, Path(directory).resolve()
+        try:
+            self.positions = np.load(self.directory / ROW_POSITIONS, mmap_mode="r")
+            self.id_lookup = np.load(self.directory / ID_LOOKUP, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise CorpusError(f"The row index in {self.directory} cannot be read ({error}).") from None
+        expected = (scan.rows, 2)
+        if self.positions.shape != expected or self.id_lookup.shape != expected:
+            raise CorpusError(f"The row index in {self.directory} does not match {Path(scan.path).name}.")
         self._recent: OrderedDict[int, Row] = OrderedDict()
         self._lock = threading.Lock()
+        self._parquet: ParquetRows | None = None
 
     def __reduce__(self):
         return (PassageStore, (self.scan, self.directory))
@@ -83,7 +88,12 @@ class PassageStore:
                 self._recent.move_to_end(index)
                 return self._recent[index]
         position, line_number = self.positions[index]
-        row = read_row_at(self.scan, int(position), int(line_number))
+        if self.scan.format == "parquet":
+            with self._lock:  # its decoded row groups are shared
+                self._parquet = self._parquet or ParquetRows(Path(self.scan.path))
+                row = read_row_at(self.scan, int(position), int(line_number), self._parquet)
+        else:
+            row = read_row_at(self.scan, int(position), int(line_number))
         with self._lock:
             self._recent[index] = row
             if len(self._recent) > ROW_CACHE:
@@ -146,12 +156,19 @@ class StoredColumn(Sequence[str]):
 
 
 def open_store(path: str | Path, root: Path, progress=None) -> PassageStore:
-    """The store of the corpus file at `path`, scanning it first (once per file version) under `root`."""
+    """The store of the corpus file at `path`, scanning it first (once per file version) under `root`; a saved
+    row index that cannot be used is made again."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"Corpus file {path} does not exist.")
     directory = store_directory(root, path)
-    return PassageStore(load_scan(path, directory, progress), directory)
+    try:
+        return PassageStore(load_scan(path, directory, progress), directory)
+    except CorpusError:
+        if not (directory / SCAN_FILE).is_file():
+            raise
+        (directory / SCAN_FILE).unlink()
+        return PassageStore(load_scan(path, directory, progress), directory)
 
 
 def stored_corpus(store: PassageStore) -> Corpus:

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.corpus import CorpusError, load_corpus, load_jsonl
-from core.corpus_stream import ID_LOOKUP, ROW_POSITIONS, corpus_rows_fingerprint, scan_corpus, write_tsv
+from core.corpus import CorpusError, load_corpus, split_indices
+from core.corpus_stream import ID_LOOKUP, ROW_POSITIONS, corpus_rows_fingerprint, read_rows, scan_corpus, write_tsv
 from core.distributed import build_sharded
 from core.evaluation import parse_query_lines
 from core.index import IndexMissingError, load_index
 from core.ivf import INDEX_DIR_ENV_VAR, IVFSettings
 from core.pair import ModelSpec, load_encoder
+from core.paraphrase import gold_index
 from core.passage_store import open_stored_corpus, store_directory
 from tests.conftest import tiny_pair_state
 
@@ -55,7 +56,7 @@ def test_gold_ids_of_a_query_file_are_found_in_a_stored_corpus(tmp_path, tsv_pat
     assert query.source_index == 10 and query.relevant == {10, 1500}
 
 
-def test_a_large_jsonl_file_is_stored_with_the_ids_and_rows_load_jsonl_gives(tmp_path, monkeypatch):
+def test_a_jsonl_file_stays_in_memory_and_its_store_gives_the_same_ids_and_rows(tmp_path, monkeypatch):
     path = tmp_path / "corpus.jsonl"
     path.write_text(
         '{"id": "a", "title": "A", "text": "first"}\n'
@@ -64,10 +65,9 @@ def test_a_large_jsonl_file_is_stored_with_the_ids_and_rows_load_jsonl_gives(tmp
         '{"title": "no id", "text": "named by its line"}\n'
         '{"id": 7, "text": "a number id, no title"}\n'
     )
-    monkeypatch.setattr("core.passage_store.IN_MEMORY_LIMIT_BYTES", 10)
     monkeypatch.setenv(INDEX_DIR_ENV_VAR, str(tmp_path / "indexes"))
-    stored, in_memory = load_corpus(path), load_jsonl(path)
-    assert stored.store is not None and in_memory.store is None
+    in_memory, stored = load_corpus(path), open_stored_corpus(path)
+    assert in_memory.store is None and stored.store is not None
     assert list(stored.ids) == list(in_memory.ids) == ["a", "4", "7"]
     assert [stored.passage(i) for i in range(3)] == [in_memory.passage(i) for i in range(3)]
     assert stored.warnings == ("line 2: not valid JSON (Expecting value); skipped",)
@@ -75,7 +75,7 @@ def test_a_large_jsonl_file_is_stored_with_the_ids_and_rows_load_jsonl_gives(tmp
     assert (tmp_path / "indexes" / "corpora").is_dir()  # the row index lives under $DPR_LENS_INDEX_DIR
 
 
-def test_a_parquet_corpus_is_read_from_disk(tmp_path):
+def test_a_parquet_corpus_is_read_from_disk_row_group_by_row_group(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,8 +87,43 @@ def test_a_parquet_corpus_is_read_from_disk(tmp_path):
     )
     corpus = open_stored_corpus(tmp_path / "c.parquet", tmp_path)
     assert len(corpus) == 9 and corpus.warnings == ("row 5: missing a non-empty 'text'; skipped",)
+    expected = list(read_rows(corpus.store.scan, 0, 9))
+    assert [corpus.store.row(i) for i in (8, 0, 5, 3, 7, 1, 2, 4, 6)] == [
+        expected[i] for i in (8, 0, 5, 3, 7, 1, 2, 4, 6)
+    ]
     assert corpus.passage(4).id == "p5" and corpus.texts[8] == "passage number 9"
     assert corpus.position("p7") == 6 and corpus.position("p4") is None
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(CorpusError, match="not a readable Parquet file"):
+        open_stored_corpus(tmp_path / "broken.parquet", tmp_path)
+
+
+def test_tsv_lines_with_an_unclosed_quote_are_bad_and_long_passages_are_read(tmp_path):
+    path = tmp_path / "c.tsv"
+    long_text = "word " * 40_000  # 200,000 characters: more than csv's default field limit
+    path.write_text(f'id\ttext\ttitle\n1\t"an unclosed quote\tA\n2\t{long_text}\tB\n')
+    corpus = open_stored_corpus(path, tmp_path)
+    assert len(corpus) == 1 and corpus.warnings[0].startswith("line 2: malformed quoting")
+    assert corpus.texts[0] == long_text
+
+
+def test_an_unusable_row_index_is_made_again_and_head_reads_rows_once(tmp_path, tsv_path, wiki_2000, monkeypatch):
+    open_stored_corpus(tsv_path, tmp_path)
+    (store_directory(tmp_path, tsv_path) / ROW_POSITIONS).write_bytes(b"garbage")
+    corpus = open_stored_corpus(tsv_path, tmp_path)
+    assert corpus.passage(1500) == open_stored_corpus(tsv_path, tmp_path).passage(1500)
+    assert corpus.passage(1500).id == wiki_2000.ids[1500]
+    monkeypatch.setattr("core.passage_store.read_row_at", lambda *a, **k: pytest.fail("head read row by row"))
+    head = corpus.head(50)
+    assert head.store is None and list(head.titles) == list(wiki_2000.titles[:50])
+
+
+def test_analyses_that_need_descriptions_or_titles_do_not_read_a_stored_corpus_through(tmp_path, tsv_path, wiki_2000):
+    corpus = open_stored_corpus(tsv_path, tmp_path)
+    with pytest.raises(CorpusError, match="is read from disk"):
+        split_indices(corpus)
+    assert gold_index(corpus, wiki_2000.ids[77]) == 77  # by id
+    assert gold_index(corpus, "A title that is nowhere") is None
 
 
 def test_a_file_changed_after_its_scan_is_rescanned_or_refused(tmp_path, wiki_2000):

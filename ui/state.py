@@ -78,8 +78,17 @@ def _load_pair(selection: Selection, device: str) -> ModelPair:
 
 
 @st.cache_resource(show_spinner="Loading corpus…")
-def _load_corpus(path: str, limit: int | None) -> Corpus:
+def _load_corpus(path: str, limit: int | None, version: tuple[int, int] | None) -> Corpus:
+    """`version` (size, mtime) is part of the key, so a changed file is loaded (and rescanned) again."""
     return load_corpus(path or None, limit)
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 @st.cache_resource
@@ -243,7 +252,11 @@ def _uploaded_corpus() -> Corpus:
 def require_corpus() -> Corpus:
     selection = current_selection()
     try:
-        corpus = _uploaded_corpus() if selection.corpus_digest else _load_corpus(selection.corpus_path, corpus_limit())
+        corpus = (
+            _uploaded_corpus()
+            if selection.corpus_digest
+            else _load_corpus(selection.corpus_path, corpus_limit(), _file_version(selection.corpus_path))
+        )
     except CorpusError as error:
         st.error(escape(str(error)))
         st.stop()
