@@ -483,7 +483,9 @@ def build_sharded(
         (directory / INDEX_FILE).unlink(missing_ok=True)  # a lower threshold earlier: serve flat as asked now
         return directory, None
     card_path = directory / CARD_JSON
-    wanted = {key: value for key, value in asdict(settings).items() if key != "threshold"}
+    # The settings that made the index; pq_bytes only matters to PQ codes.
+    ignored = {"threshold"} | ({"pq_bytes"} if settings.kind != "pq" else set())
+    wanted = {key: value for key, value in asdict(settings).items() if key not in ignored}
     if card_path.is_file() and (directory / INDEX_FILE).is_file() and not missing:
         card = json.loads(card_path.read_text())
         if {key: card.get(key) for key in wanted} == wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -107,3 +108,17 @@ def test_figure1_aggregate_on_ray_equals_the_serial_one(tmp_path, tiny_bert_dir,
     assert NEURON_AGGREGATE.lookup(ray_cache, **_aggregate_key(tiny, index, queries[:6], 4)) is not None
     assert NEURON_AGGREGATE.lookup(ray_cache, **_aggregate_key(tiny, index, queries, 4)) is not None
     ray_cache.close()
+
+
+def test_a_built_ivf_index_is_kept_unless_a_setting_that_made_it_changes(
+    tmp_path, monkeypatch, tiny_bert_dir, tsv_path
+):
+    spec = ModelSpec("tiny", str(tiny_bert_dir))
+    tiny, scan = load_encoder(spec), scan_corpus(tsv_path)
+    settings = IVFSettings(threshold=100, nlist=8, nprobe=8, card_queries=20)
+    build_sharded(tiny, spec, scan, tmp_path, 2, settings)
+    monkeypatch.setattr("core.distributed.build_ivf", lambda *a, **k: pytest.fail("rebuilt"))
+    build_sharded(tiny, spec, scan, tmp_path, 2, dataclasses.replace(settings, pq_bytes=32))  # SQ8: no PQ bytes
+    monkeypatch.undo()
+    _, card = build_sharded(tiny, spec, scan, tmp_path, 2, dataclasses.replace(settings, kind="pq"))
+    assert card["factory"].startswith("IVF8,PQ")
