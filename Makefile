@@ -32,10 +32,10 @@ lint: setup
 bench: setup
 	$(PY) -m bench
 
-# Re-make the offline twin (about 30 min of a 2-core CPU) and its prebuilt index.
+# Re-make the offline twin (about 40 min of a 2-core CPU) and its prebuilt index.
 train: setup
 	MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 \
-	$(PY) -m core train --base minilm: --output assets/minilm-wiki-dpr --max-steps 200
+	$(PY) -m core train --base minilm: --output assets/minilm-wiki-dpr --max-steps 360 --query-styles description question ict
 	$(PY) -m core build-index --pair offline --prebuilt
 
 # Re-make the mini-paper pair: MLM pre-training of a 4-layer BERT, then DPR training of a copy (about 1 h).

@@ -271,7 +271,7 @@ def write_twin_card(
     """README.md of a trained twin: its base, optionally an earlier twin, and the twin itself on every query set."""
     specs = [ModelSpec(f"before: {config.base}", config.base)]
     if compare:
-        specs.append(ModelSpec(f"previous twin: {compare}", compare))
+        specs.append(ModelSpec(f"previous twin: {Path(compare).name}", compare))
     specs.append(ModelSpec("after: this model", str(output)))
     descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, [q for _, q in question_sets])
     labels = [spec.label for spec in specs]
