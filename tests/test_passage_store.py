@@ -154,7 +154,7 @@ def test_the_app_retrieves_from_a_stored_corpus_through_its_built_index(
     path = tmp_path / "psgs.tsv"
     write_tsv(path, wiki_2000.head(300))
     root = tmp_path / "indexes"
-    settings = IVFSettings(threshold=100, nlist=8, nprobe=8, card_queries=20)
+    settings = IVFSettings(threshold=100, kind="sq8", nlist=8, nprobe=8, card_queries=20)  # SQ8 trains fastest
     question, context = tiny_dpr_dirs
     for spec in (ModelSpec("a", str(tiny_bert_dir)), ModelSpec("b", str(question), str(context))):
         scan = open_stored_corpus(path, root).store.scan

@@ -45,13 +45,14 @@ def test_ivf_recall_at_the_default_nprobe(tmp_path, kind):
     from core.ivf import build_ivf
     from core.shards import ShardSet
 
-    card = build_ivf(ShardSet.open(tmp_path), IVFSettings(kind=kind, card_queries=100))
+    # 16 PQ bytes for 64-d vectors: 4 dimensions a code byte, as PQ64 gives 768-d ones 12
+    card = build_ivf(ShardSet.open(tmp_path), IVFSettings(kind=kind, pq_bytes=16, card_queries=100))
     index = open_index(tmp_path)
     assert isinstance(index, IVFIndex) and len(index) == 200_000 and index.nprobe == IVFSettings.nprobe
     _, found = index.search(queries, 10)
     exact = exact_top_k(base, queries, 10)
     assert recall_at_k(found, exact) >= 0.9
-    assert card["recall_at_10"] >= 0.9 and card["factory"] == f"IVF512,{'SQ8' if kind == 'sq8' else 'PQ64'}"
+    assert card["recall_at_10"] >= 0.9 and card["factory"] == f"IVF512,{'SQ8' if kind == 'sq8' else 'PQ16'}"
     assert index.params["index"] != open_index(tmp_path, nprobe=4).params["index"]  # no shared cache entries
     np.testing.assert_array_equal(index.embeddings[123_456], base[123_456])
 
@@ -115,7 +116,7 @@ def test_a_built_ivf_index_is_kept_unless_a_setting_that_made_it_changes(
 ):
     spec = ModelSpec("tiny", str(tiny_bert_dir))
     tiny, scan = load_encoder(spec), scan_corpus(tsv_path)
-    settings = IVFSettings(threshold=100, nlist=8, nprobe=8, card_queries=20)
+    settings = IVFSettings(threshold=100, kind="sq8", nlist=8, nprobe=8, card_queries=20)
     build_sharded(tiny, spec, scan, tmp_path, 2, settings)
     monkeypatch.setattr("core.distributed.build_ivf", lambda *a, **k: pytest.fail("rebuilt"))
     build_sharded(tiny, spec, scan, tmp_path, 2, dataclasses.replace(settings, pq_bytes=32))  # SQ8: no PQ bytes
