@@ -222,8 +222,6 @@ def load_corpus(path: str | Path | None = None, limit: int | None = None) -> Cor
     if path:
         from .passage_store import is_stored_format, open_stored_corpus  # it builds on this module
 
-        if not Path(path).is_file():
-            raise CorpusError(f"Corpus file {path} does not exist.")
         corpus = open_stored_corpus(path) if is_stored_format(path) else load_jsonl(path)
     else:
         corpus = load_wiki()

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,7 @@ class CorpusScan:
         return (self.path, self.size, self.mtime_ns) == (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
     def save(self, path: Path) -> None:
-        _atomic_write_text(path, json.dumps(asdict(self)) + "\n")
+        replace_atomically(path, lambda temporary: temporary.write_text(json.dumps(asdict(self)) + "\n"))
 
     @classmethod
     def load(cls, path: Path) -> CorpusScan | None:
@@ -243,17 +243,22 @@ class CorpusScan:
             return None
 
 
-def _temporary_beside(path: Path, suffix: str) -> Path:
-    """A new, uniquely named file in `path`'s directory: concurrent writers (processes or threads) never share one."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` to a new, uniquely named file beside `path`, then rename it over `path`: a reader sees
+    the old file or the whole new one, and concurrent writers (processes or threads) never share a temporary."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
-    return Path(name)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = _temporary_beside(path, ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def _save_array(path: Path, array_: np.ndarray) -> None:
+    with path.open("wb") as handle:  # np.save(path) would append .npy to the temporary's name
+        np.save(handle, array_)
 
 
 def id_hash(passage_id: str) -> int:
@@ -301,8 +306,10 @@ def scan_corpus(path: str | Path, progress=None, row_index: Path | None = None) 
         except OSError as error:
             raise CorpusError(f"Cannot write the corpus's row index to {row_index}: {error.strerror}.") from None
         line_array = np.frombuffer(line_numbers, dtype=np.uint64)
-        _atomic_save(row_index / ROW_POSITIONS, np.stack([np.frombuffer(positions, dtype=np.uint64), line_array], 1))
-        _atomic_save(row_index / ID_LOOKUP, np.stack([hash_array[order], order.astype(np.uint64)], axis=1))
+        row_positions = np.stack([np.frombuffer(positions, dtype=np.uint64), line_array], 1)
+        id_lookup = np.stack([hash_array[order], order.astype(np.uint64)], axis=1)
+        replace_atomically(row_index / ROW_POSITIONS, lambda temporary: _save_array(temporary, row_positions))
+        replace_atomically(row_index / ID_LOOKUP, lambda temporary: _save_array(temporary, id_lookup))
     if bad_rows > len(warnings):
         warnings.append(f"... and {bad_rows - len(warnings)} more bad rows")
     return CorpusScan(
@@ -316,12 +323,6 @@ def scan_corpus(path: str | Path, progress=None, row_index: Path | None = None) 
         tuple(warnings),
         bad_rows,
     )
-
-
-def _atomic_save(path: Path, array_: np.ndarray) -> None:
-    temporary = _temporary_beside(path, ".tmp.npy")
-    np.save(temporary, array_)
-    os.replace(temporary, path)
 
 
 def _check_unique(hashes: np.ndarray, line_numbers: np.ndarray, path: Path) -> np.ndarray:
@@ -344,8 +345,8 @@ def load_scan(path: str | Path, directory: Path | None = None, progress=None) ->
     row index is incomplete is never found."""
     path = Path(path)
     saved = directory / SCAN_FILE if directory is not None else None
-    row_index = directory is not None and all((directory / name).is_file() for name in (ROW_POSITIONS, ID_LOOKUP))
-    if saved is not None and saved.is_file() and row_index:
+    has_row_index = directory is not None and all((directory / name).is_file() for name in (ROW_POSITIONS, ID_LOOKUP))
+    if saved is not None and saved.is_file() and has_row_index:
         scan = CorpusScan.load(saved)
         if scan is not None and path.is_file() and scan.matches(path):
             return scan

@@ -55,12 +55,11 @@ def encode_corpus(
     progress: Progress | None = None,
 ) -> np.ndarray:
     """Passages are encoded as (title, text) pairs, the DPR convention."""
-    titles, texts = corpus.titles, corpus.texts
     if corpus.store is not None:  # at most IN_PROCESS_ENCODE_LIMIT rows: read them once, in file order
-        from .corpus_stream import read_rows
-
-        _, titles, texts = zip(*read_rows(corpus.store.scan, 0, len(corpus)))
-    return encoder.encode_passages(titles, texts, max_length=max_length, batch_size=batch_size, progress=progress)
+        corpus = corpus.head(len(corpus))
+    return encoder.encode_passages(
+        corpus.titles, corpus.texts, max_length=max_length, batch_size=batch_size, progress=progress
+    )
 
 
 def _prebuilt_stem(params: dict) -> str:

@@ -24,9 +24,9 @@ import numpy as np
 
 from .cli_args import cli_option
 from .corpus import Corpus
-from .corpus_stream import corpus_rows_fingerprint
+from .corpus_stream import corpus_rows_fingerprint, replace_atomically
 from .index import DenseIndex
-from .shards import ShardedEmbeddings, ShardError, ShardSet, _replace_atomically, file_sha256, index_directory
+from .shards import ShardedEmbeddings, ShardError, ShardSet, file_sha256, index_directory
 
 INDEX_FILE, CARD_JSON, CARD_MD = "ivf.index", "index-card.json", "index-card.md"
 INDEX_DIR_ENV_VAR = "DPR_LENS_INDEX_DIR"
@@ -167,7 +167,7 @@ def build_ivf(shard_set: ShardSet, settings: IVFSettings, progress=None) -> dict
             progress(done, len(embeddings.arrays))
     added = time.perf_counter()
     path = shard_set.directory / INDEX_FILE
-    _replace_atomically(path, lambda temporary: faiss.write_index(trained_index, str(temporary)))
+    replace_atomically(path, lambda temporary: faiss.write_index(trained_index, str(temporary)))
     trained_index.reset()  # frees the codes before the served (memory-mapped) copy is measured
     card = {
         "factory": factory,

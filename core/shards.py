@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus_stream import CorpusScan, Row, read_rows
+from .corpus_stream import CorpusScan, Row, read_rows, replace_atomically
 from .errors import LensError
 from .index import PASSAGE_MAX_LENGTH
 from .pair import Encoder, Tower
@@ -80,15 +79,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- encoding one shard
 
 
@@ -113,8 +103,8 @@ def encode_rows(
 def write_shard(directory: Path, shard: ShardRange, params: dict, embeddings: np.ndarray, ids: list[str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     array_path, ids_path = directory / f"{shard.stem}.npy", directory / f"{shard.stem}.ids.json"
-    _replace_atomically(array_path, lambda path: _save_npy(path, embeddings))
-    _replace_atomically(ids_path, lambda path: path.write_text(json.dumps(ids)))
+    replace_atomically(array_path, lambda path: _save_npy(path, embeddings))
+    replace_atomically(ids_path, lambda path: path.write_text(json.dumps(ids)))
     meta = dict(
         params,
         shard=shard.number,
@@ -125,7 +115,7 @@ def write_shard(directory: Path, shard: ShardRange, params: dict, embeddings: np
         sha256=file_sha256(array_path),
         ids_sha256=file_sha256(ids_path),
     )
-    _replace_atomically(directory / f"{shard.stem}.json", lambda path: path.write_text(json.dumps(meta, indent=1)))
+    replace_atomically(directory / f"{shard.stem}.json", lambda path: path.write_text(json.dumps(meta, indent=1)))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -204,7 +194,7 @@ def finish_shards(directory: Path, shards: Sequence[ShardRange], params: dict) -
     if missing:
         raise ShardError(f"{len(missing)} shards are missing or damaged (first: {missing[0].stem}).")
     manifest = {"params": params, "shards": len(shards)}
-    _replace_atomically(directory / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
+    replace_atomically(directory / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
 
 
 # --------------------------------------------------------------------------- reading shards back
