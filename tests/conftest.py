@@ -179,6 +179,17 @@ def tiny_pair_state(tiny_bert_dir: Path, tiny_dpr_dirs: tuple[Path, Path]) -> di
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_bert_dir) -> ModelSpec:
+    """The tiny BERT as a custom model (pooling read from its directory), as Ray workers load it again."""
+    return ModelSpec("tiny", str(tiny_bert_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_spec):
+    return load_encoder(tiny_spec)
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_bert_dir):
     return load_encoder(ModelSpec("tiny", str(tiny_bert_dir), pooling="mean", normalize=True))

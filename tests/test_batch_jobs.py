@@ -12,7 +12,7 @@ from core.corpus import description_queries, load_wiki, split_indices
 from core.distributed import EVALUATION_CHUNK, evaluate_encoder_chunked, word_clouds_chunked
 from core.evaluation import DEPTH, EVALUATION, evaluate_pair, evaluation_key
 from core.index import DenseIndex, load_index
-from core.pair import ModelPair, ModelSpec, custom_pair, load_encoder
+from core.pair import ModelPair, custom_pair
 from core.retrieval import RETRIEVAL, retrieve
 from core.token_attribution import TOP_K, IGSettings, cached_ranking, word_sums
 
@@ -26,16 +26,6 @@ def test_ray_at_an_unreachable_address_is_a_clear_error(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "error: No Ray cluster answers at 127.0.0.1:1" in error and "Traceback" not in error
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_bert_dir):
-    return ModelSpec("tiny", str(tiny_bert_dir))
-
-
-@pytest.fixture(scope="module")
-def tiny(spec):
-    return load_encoder(spec)
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +80,13 @@ def test_a_killed_chunked_evaluation_resumes_at_its_missing_chunks_and_equals_th
     assert EVALUATION.lookup(cache, **evaluation_key(tiny, index, queries)) == serial_evaluation
 
 
-def test_chunked_evaluation_on_ray_equals_the_serial_one(tiny, spec, many_queries, serial_evaluation, cache, local_ray):
+def test_chunked_evaluation_on_ray_equals_the_serial_one(
+    tiny, tiny_spec, many_queries, serial_evaluation, cache, local_ray
+):
     corpus, queries, index = many_queries
-    distributed_evaluation = evaluate_encoder_chunked(tiny, index, queries, cache, chunk_size=128, spec=spec, workers=2)
+    distributed_evaluation = evaluate_encoder_chunked(
+        tiny, index, queries, cache, chunk_size=128, spec=tiny_spec, workers=2
+    )
     assert distributed_evaluation == serial_evaluation
     first_chunk = sorted((q.text for q in queries), key=len, reverse=True)[:128]
     key = {"index": index.params, "query_model": tiny.fingerprint, "queries": first_chunk, "depth": DEPTH}
@@ -104,7 +98,7 @@ def _sorted_words(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_word_clouds_on_ray_fill_the_pages_cache_and_merge_as_the_serial_job(
-    tmp_path, tiny, spec, wiki_slice, local_ray, monkeypatch
+    tmp_path, tiny, tiny_spec, wiki_slice, local_ray, monkeypatch
 ):
     queries = [q.text for q in description_queries(wiki_slice, split_indices(wiki_slice)[1])[:3]]
     ray_cache, serial_cache = ResultCache(tmp_path / "ray"), ResultCache(tmp_path / "serial")
@@ -118,7 +112,7 @@ def test_word_clouds_on_ray_fill_the_pages_cache_and_merge_as_the_serial_job(
         queries,
         ray_cache,
         chunk_size=2,
-        spec=spec,
+        spec=tiny_spec,
         workers=2,
         progress=lambda *done: progress.append(done),
     )

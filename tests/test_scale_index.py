@@ -14,7 +14,6 @@ from core.distributed import aggregate_neurons_chunked, build_sharded
 from core.index import DenseIndex, load_index
 from core.ivf import CARD_MD, INDEX_DIR_ENV_VAR, IVFIndex, IVFSettings, exact_top_k, open_index, recall_at_k
 from core.neuron_attribution import NEURON_AGGREGATE, _aggregate_key, aggregate_neurons, aggregate_sample
-from core.pair import ModelSpec, load_encoder
 from core.retrieval import retrieve
 from core.shards import ShardRange, finish_shards, write_shard
 
@@ -57,7 +56,7 @@ def test_ivf_recall_at_the_default_nprobe(tmp_path, kind):
     np.testing.assert_array_equal(index.embeddings[123_456], base[123_456])
 
 
-def test_app_retrieves_from_the_sharded_ivf_index(tmp_path, monkeypatch, tiny_bert_dir, cache):
+def test_app_retrieves_from_the_sharded_ivf_index(tmp_path, monkeypatch, tiny, tiny_spec, cache):
     corpus = load_wiki(limit=400)
     path = tmp_path / "corpus.jsonl"
     path.write_text(
@@ -66,10 +65,8 @@ def test_app_retrieves_from_the_sharded_ivf_index(tmp_path, monkeypatch, tiny_be
             for i, t, x in zip(corpus.ids, corpus.titles, corpus.texts)
         )
     )
-    spec = ModelSpec("tiny", str(tiny_bert_dir))
-    tiny = load_encoder(spec)
     settings = IVFSettings(threshold=100, nlist=8, nprobe=8, card_queries=50)
-    directory, card = build_sharded(tiny, spec, scan_corpus(path), tmp_path / "indexes", 3, settings)
+    directory, card = build_sharded(tiny, tiny_spec, scan_corpus(path), tmp_path / "indexes", 3, settings)
     assert (directory / CARD_MD).is_file() and card["rows"] == 400
     served_corpus = load_jsonl(path)
     monkeypatch.setenv(INDEX_DIR_ENV_VAR, str(tmp_path / "indexes"))
@@ -84,22 +81,20 @@ def test_app_retrieves_from_the_sharded_ivf_index(tmp_path, monkeypatch, tiny_be
     np.testing.assert_allclose([h.score for h in approximate.hits], [h.score for h in exact.hits], rtol=1e-4)
 
 
-def test_figure1_aggregate_on_ray_equals_the_serial_one(tmp_path, tiny_bert_dir, cache):
+def test_figure1_aggregate_on_ray_equals_the_serial_one(tmp_path, tiny, tiny_spec, cache):
     ray = pytest.importorskip("ray")
     from core.cache import ResultCache
 
     corpus = load_wiki(limit=400)
     queries = aggregate_sample(corpus, 20, seed=0)
     assert len(queries) == 20
-    spec = ModelSpec("tiny", str(tiny_bert_dir))
-    tiny = load_encoder(spec)
     index = DenseIndex(tiny.encode_passages(corpus.titles, corpus.texts, max_length=64), {"toy": 1}, "built")
     serial = aggregate_neurons(tiny, index, corpus, queries, cache, steps=4)
     ray_cache = ResultCache(tmp_path / "ray-cache")
     ray.init(num_cpus=2, log_to_driver=False)
     try:
         distributed = aggregate_neurons_chunked(
-            tiny, index, corpus, queries, ray_cache, steps=4, chunk_size=6, spec=spec, workers=2
+            tiny, index, corpus, queries, ray_cache, steps=4, chunk_size=6, spec=tiny_spec, workers=2
         )
     finally:
         ray.shutdown()
@@ -112,14 +107,13 @@ def test_figure1_aggregate_on_ray_equals_the_serial_one(tmp_path, tiny_bert_dir,
 
 
 def test_a_built_ivf_index_is_kept_unless_a_setting_that_made_it_changes(
-    tmp_path, monkeypatch, tiny_bert_dir, tsv_path
+    tmp_path, monkeypatch, tiny, tiny_spec, tsv_path
 ):
-    spec = ModelSpec("tiny", str(tiny_bert_dir))
-    tiny, scan = load_encoder(spec), scan_corpus(tsv_path)
+    scan = scan_corpus(tsv_path)
     settings = IVFSettings(threshold=100, kind="sq8", nlist=8, nprobe=8, card_queries=20)
-    build_sharded(tiny, spec, scan, tmp_path, 2, settings)
+    build_sharded(tiny, tiny_spec, scan, tmp_path, 2, settings)
     monkeypatch.setattr("core.distributed.build_ivf", lambda *a, **k: pytest.fail("rebuilt"))
-    build_sharded(tiny, spec, scan, tmp_path, 2, dataclasses.replace(settings, pq_bytes=32))  # SQ8: no PQ bytes
+    build_sharded(tiny, tiny_spec, scan, tmp_path, 2, dataclasses.replace(settings, pq_bytes=32))  # SQ8: no PQ bytes
     monkeypatch.undo()
-    _, card = build_sharded(tiny, spec, scan, tmp_path, 2, dataclasses.replace(settings, kind="pq"))
+    _, card = build_sharded(tiny, tiny_spec, scan, tmp_path, 2, dataclasses.replace(settings, kind="pq"))
     assert card["factory"].startswith("IVF8,PQ")

@@ -7,18 +7,7 @@ import pytest
 
 from core.corpus import CorpusError, load_jsonl
 from core.corpus_stream import corpus_rows_fingerprint, load_scan, read_rows, row_batches, rows_fingerprint, scan_corpus
-from core.pair import ModelSpec, load_encoder
 from core.shards import ShardSet, build_shards, finish_shards, plan_shards, shard_params
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(tiny_bert_dir):
-    return ModelSpec("tiny", str(tiny_bert_dir))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_spec):
-    return load_encoder(tiny_spec)
 
 
 def test_tsv_scan_matches_the_corpus_and_reads_from_checkpoints(tsv_path, wiki_2000, monkeypatch):
