@@ -81,9 +81,16 @@ CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
 # recipe; the second was written before any model was scored on it and chose nothing.
 NATURAL_QUESTIONS = "assets/natural_questions.jsonl"
 NATURAL_QUESTIONS_TEST = "assets/natural_questions_test.jsonl"
+NATURAL_QUESTIONS_TEST_LARGE = "assets/natural_questions_test_large.jsonl"
+QUESTION_SETS = (NATURAL_QUESTIONS, NATURAL_QUESTIONS_TEST, NATURAL_QUESTIONS_TEST_LARGE)
 QUESTION_SET_ROLES = {
     NATURAL_QUESTIONS: "the development set: the training recipe was chosen on it",
     NATURAL_QUESTIONS_TEST: "the test set: written before any model was scored on it, and not used to choose anything",
+    NATURAL_QUESTIONS_TEST_LARGE: (
+        "the large test set: written by a second author from the held-out leads (no run of more than three of a "
+        "lead's content words, and no other article's lead answering it), before any model was scored on it, "
+        "and not used to choose anything"
+    ),
 }
 DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"
 # ProbeConfig and IGSettings carry no command-line metadata of their own.
@@ -224,7 +231,7 @@ def cmd_pretrain(args) -> None:
 
 
 def _question_sets(args, corpus) -> list[tuple[str, list[LabelledQuery]]]:
-    paths = args.questions_jsonl or (() if args.corpus else (NATURAL_QUESTIONS, NATURAL_QUESTIONS_TEST))
+    paths = args.questions_jsonl or (() if args.corpus else QUESTION_SETS)
     return [(str(path), load_query_file(path, corpus)) for path in paths]
 
 
@@ -1043,8 +1050,8 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--questions-jsonl",
         nargs="+",
-        help=f"labelled query sets also scored on the card (default: {NATURAL_QUESTIONS} and "
-        f"{NATURAL_QUESTIONS_TEST} on the bundled corpus)",
+        help=f"labelled query sets also scored on the card (default: {NATURAL_QUESTIONS}, {NATURAL_QUESTIONS_TEST} "
+        f"and {NATURAL_QUESTIONS_TEST_LARGE} on the bundled corpus)",
     )
     parser.add_argument("--compare", metavar="MODEL", help="an earlier twin to show on the card too (e.g. a copy)")
 

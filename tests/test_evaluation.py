@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from core.cache import ResultCache
-from core.corpus import Corpus, LabelledQuery, description_queries, load_wiki, split_indices
+from core.cli import QUESTION_SETS
+from core.corpus import Corpus, LabelledQuery, description_queries, is_held_out, load_wiki, split_indices
 from core.evaluation import (
     A_WINS,
     B_WINS,
@@ -234,3 +235,16 @@ def test_page_reports_a_bad_pasted_query_line(monkeypatch, tmp_path, tiny_bert_d
     at.text_area(key="eval_pasted").input('{"query": "q", "gold_ids": ["Aeneid"]}\nnot json\n').run()
     assert not at.exception
     assert "line 2: not valid JSON" in at.error[0].value
+
+
+def test_the_shipped_question_sets_ask_about_held_out_articles_only_and_share_none():
+    corpus = load_wiki()
+    golds, sizes = [], []
+    for path in QUESTION_SETS:
+        queries = load_query_file(path, corpus)
+        sizes.append(len(queries))
+        assert queries and len({q.text for q in queries}) == len(queries), path
+        assert all(is_held_out(corpus.titles[i]) for q in queries for i in q.relevant), path
+        golds.append(set().union(*(q.relevant for q in queries)))
+    assert all(not golds[i] & golds[j] for i in range(len(golds)) for j in range(i + 1, len(golds)))
+    assert sizes == [69, 59, 219]
