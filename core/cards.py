@@ -89,6 +89,12 @@ def dpr_twin_card(
         command=command,
         pooling=lens["pooling"],
         similarity=similarity,
+        distillation=(
+            f", plus {config.distill_weight} x KL(base || twin) of each query's softmax over the same in-batch "
+            "scores, with the frozen base as teacher (learning without forgetting, Li and Hoiem 2016)"
+            if config.distill_weight
+            else ""
+        ),
         query_styles=", ".join(f"`{style}`" for style in config.query_styles),
         learning_rate=config.learning_rate,
         warmup=f"{config.warmup_fraction:.0%}",

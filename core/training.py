@@ -60,6 +60,11 @@ class TrainConfig:
         "kinds of training queries, pooled and shuffled together (see core/training.py)",
         choices=QUERY_STYLES,
     )
+    distill_weight: float = cli_option(
+        0.0,
+        "weight of a term that keeps each query's in-batch score distribution close to the base's (learning "
+        "without forgetting, Li and Hoiem 2016); 0 trains without it",
+    )
 
 
 @dataclass
@@ -177,17 +182,17 @@ def training_examples(
     ]
 
 
-def contrastive_loss(
+def in_batch_scores(
     query_vectors: torch.Tensor,
     passage_vectors: torch.Tensor,
     batch: Sequence[TrainingExample],
     passage_indices: Sequence[int],
     scale: float,
 ) -> torch.Tensor:
-    """NLL of each query's positive (column `row`) against all positives and hard negatives in the batch.
+    """Each query against all positives and hard negatives in the batch; its positive is column `row`.
 
     Other columns showing a passage relevant to the query (the same article in another query style, or an
-    article with the same description) are masked, not treated as negatives.
+    article with the same description) are -inf: masked, not treated as negatives.
     """
     scores = query_vectors @ passage_vectors.T * scale
     mask = torch.tensor(
@@ -196,8 +201,21 @@ def contrastive_loss(
             for row, example in enumerate(batch)
         ]
     )
-    scores = scores.masked_fill(mask, float("-inf"))
-    return torch.nn.functional.cross_entropy(scores, torch.arange(len(batch)))
+    return scores.masked_fill(mask, float("-inf"))
+
+
+def positive_nll(scores: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of each row's positive, column `row`, over its in-batch scores."""
+    return torch.nn.functional.cross_entropy(scores, torch.arange(len(scores)))
+
+
+def score_divergence(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(teacher || student) between the softmax of each row; -inf (masked) columns,
+    which both rows share, add nothing."""
+    teacher_log = torch.log_softmax(teacher_scores, dim=1)
+    student_log = torch.log_softmax(student_scores, dim=1)
+    terms = teacher_log.exp() * (teacher_log - student_log)
+    return torch.where(torch.isinf(teacher_scores), 0.0, terms).sum(dim=1).mean()
 
 
 def train_step_vectors(
@@ -212,10 +230,29 @@ def train_step_vectors(
     return tower.forward(queries), tower.forward(passages), passage_indices
 
 
-def batch_loss(encoder: Encoder, batch: Sequence[TrainingExample], corpus: Corpus, config: TrainConfig) -> torch.Tensor:
+def batch_scores(
+    encoder: Encoder, batch: Sequence[TrainingExample], corpus: Corpus, config: TrainConfig
+) -> torch.Tensor:
     query_vectors, passage_vectors, passage_indices = train_step_vectors(encoder, batch, corpus, config)
     scale = config.scale if encoder.query.normalize else 1.0
-    return contrastive_loss(query_vectors, passage_vectors, batch, passage_indices, scale)
+    return in_batch_scores(query_vectors, passage_vectors, batch, passage_indices, scale)
+
+
+def batch_loss(
+    encoder: Encoder,
+    batch: Sequence[TrainingExample],
+    corpus: Corpus,
+    config: TrainConfig,
+    teacher: Encoder | None = None,
+) -> torch.Tensor:
+    """The contrastive loss, plus `config.distill_weight` times the divergence from `teacher` (the frozen base)."""
+    scores = batch_scores(encoder, batch, corpus, config)
+    loss = positive_nll(scores)
+    if teacher is None or not config.distill_weight:
+        return loss
+    with torch.no_grad():
+        teacher_scores = batch_scores(teacher, batch, corpus, config)
+    return loss + config.distill_weight * score_divergence(teacher_scores, scores)
 
 
 def shuffled_batches(
@@ -238,6 +275,10 @@ def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tup
     if config.limit:
         train = train[: config.limit]
     examples = training_examples(corpus, train, config.query_styles, config.seed)
+    teacher = None
+    if config.distill_weight:
+        teacher = load_encoder(ModelSpec("base", config.base, pooling=config.pooling))
+        teacher.query.model.eval()
     steps_per_epoch = len(examples) // config.batch_size
     total = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -248,7 +289,7 @@ def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tup
     result = run_training(
         encoder.query.model,
         batches,
-        lambda batch: batch_loss(encoder, batch, corpus, config),
+        lambda batch: batch_loss(encoder, batch, corpus, config, teacher),
         LoopSettings(total, config.learning_rate, config.warmup_fraction, "DPR training"),
         progress=progress,
     )

@@ -169,6 +169,11 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
     assert "- after minus previous twin (paired): R@1 +0.000 [+0.000, +0.000]" in questions
     other = card[card.index("### Natural questions, set 2\n\n59 other questions") :]
     assert "- after minus before (paired): R@1 +0.500 [" in other and "previous twin" not in other
+    assert "KL(" not in card
+    distilled = dpr_twin_card(
+        tmp_path, "", TrainConfig(distill_weight=0.5), report, dict(zip(models, map(evaluation, (0.2, 0.3, 0.4)))), 350
+    )
+    assert "dot products (no normalisation, as in DPR), plus 0.5 x KL(base || twin)" in distilled
 
     pretrain = PretrainReport(
         {},

@@ -1,5 +1,6 @@
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ from core.training import (
     TrainConfig,
     TrainingExample,
     batch_loss,
-    contrastive_loss,
+    batch_scores,
     defining_question,
+    in_batch_scores,
     inverse_cloze_pairs,
     lead_sentences,
+    positive_nll,
     question_queries,
     save_twin,
+    score_divergence,
     train_dpr,
     training_examples,
 )
@@ -45,7 +49,7 @@ def test_same_description_passages_are_masked_not_negatives():
     ]
     vectors = torch.eye(4)[:2]
     passages = torch.stack([torch.eye(4)[0], torch.eye(4)[1], torch.eye(4)[2], torch.eye(4)[3]])
-    loss = contrastive_loss(vectors, passages, batch, [0, 1, 5, 6], scale=1.0)
+    loss = positive_nll(in_batch_scores(vectors, passages, batch, [0, 1, 5, 6], scale=1.0))
     expected = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.0]), 0)[0]
     assert torch.isclose(loss, expected)
 
@@ -57,11 +61,24 @@ def test_the_same_article_in_two_query_styles_is_masked_for_the_other_query():
     ]
     vectors = torch.eye(4)[:2]
     passages = torch.eye(4)[[0, 0, 2, 3]]
-    loss = contrastive_loss(vectors, passages, batch, [0, 0, 5, 6], scale=1.0)
+    loss = positive_nll(in_batch_scores(vectors, passages, batch, [0, 0, 5, 6], scale=1.0))
     # Query 0 sees its positive (1), the other copy of article 0 masked, and two negatives (0); query 1 likewise.
     first = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.0]), 0)[0]
     second = -torch.log_softmax(torch.tensor([0.0, 0.0, 0.0]), 0)[0]
     assert torch.isclose(loss, (first + second) / 2)
+
+
+def test_score_divergence_is_kl_over_the_unmasked_columns():
+    teacher = torch.tensor([[2.0, 0.5, float("-inf"), -1.0], [0.0, float("-inf"), 1.0, 3.0]])
+    student = torch.tensor([[1.0, 1.5, float("-inf"), 0.0], [2.0, float("-inf"), -1.0, 0.5]])
+    expected = []
+    for t_row, s_row in zip(teacher, student):
+        kept = ~torch.isinf(t_row)
+        p, q = torch.softmax(t_row[kept], 0), torch.softmax(s_row[kept], 0)
+        expected.append(float((p * (p / q).log()).sum()))
+    assert float(score_divergence(teacher, student)) == pytest.approx(np.mean(expected), rel=1e-6)
+    assert score_divergence(teacher, teacher) == 0.0
+    assert score_divergence(teacher, student) > 0.0
 
 
 def test_defining_sentence_becomes_a_question_without_its_subject():
@@ -184,3 +201,35 @@ def test_training_loop_warms_up_from_zero_evaluates_on_schedule_and_ends_in_eval
     ]
     assert result.evaluations[-1]["weight"] == model.weight.item()
     assert not model.training
+
+
+def test_distilling_from_the_base_keeps_the_twin_closer_to_it(tmp_path, wiki_slice):
+    base = make_tiny_bert(tmp_path / "base", wiki_slice, pooling="mean", normalize=True, initializer_range=0.2)
+    config = TrainConfig(
+        base=str(base),
+        output=str(tmp_path / "twin"),
+        seed=3,
+        epochs=4,
+        batch_size=16,
+        learning_rate=1e-3,
+        warmup_fraction=0.0,
+        passage_max_length=64,
+        limit=32,
+    )
+    train, _ = split_indices(wiki_slice)
+    batch = training_examples(wiki_slice, train[:32])[:16]
+    teacher = load_encoder(ModelSpec("base", str(base)))
+    with torch.no_grad():
+        teacher_scores = batch_scores(teacher, batch, wiki_slice, config)
+        # Before any step the twin is the base: the term adds nothing.
+        assert batch_loss(teacher, batch, wiki_slice, replace(config, distill_weight=5.0), teacher) == positive_nll(
+            teacher_scores
+        )
+
+    def divergence_after_training(weight: float) -> float:
+        encoder, _ = train_dpr(replace(config, distill_weight=weight), wiki_slice, progress=False)
+        with torch.no_grad():
+            return float(score_divergence(teacher_scores, batch_scores(encoder, batch, wiki_slice, config)))
+
+    free, distilled = divergence_after_training(0.0), divergence_after_training(5.0)
+    assert distilled < 0.5 * free, (distilled, free)
