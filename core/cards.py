@@ -111,6 +111,7 @@ def dpr_twin_card(
         minutes=f"{report.seconds / 60:.1f}",
         hardware=report.hardware,
         loss_window=LOSS_WINDOW,
+        loss_name=f"total loss (NLL + {config.distill_weight} x KL)" if config.distill_weight else "loss",
         loss_start=f"{sum(first) / max(1, len(first)):.3f}",
         loss_end=f"{sum(last) / max(1, len(last)):.3f}",
         storage=_storage(config.save_fp16),

@@ -78,7 +78,7 @@ from .training import TrainConfig, TrainReport, save_twin, train_dpr
 
 CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
 # Hand-written questions about held-out bundled Wikipedia articles: the first set chose the twin's training
-# recipe; the second was written before any model was scored on it and chose nothing.
+# recipe; the other two were written before any model was scored on them and chose nothing.
 NATURAL_QUESTIONS = "assets/natural_questions.jsonl"
 NATURAL_QUESTIONS_TEST = "assets/natural_questions_test.jsonl"
 NATURAL_QUESTIONS_TEST_LARGE = "assets/natural_questions_test_large.jsonl"
@@ -87,9 +87,8 @@ QUESTION_SET_ROLES = {
     NATURAL_QUESTIONS: "the development set: the training recipe was chosen on it",
     NATURAL_QUESTIONS_TEST: "the test set: written before any model was scored on it, and not used to choose anything",
     NATURAL_QUESTIONS_TEST_LARGE: (
-        "the large test set: written by a second author from the held-out leads (no run of more than three of a "
-        "lead's content words, and no other article's lead answering it), before any model was scored on it, "
-        "and not used to choose anything"
+        "the large test set: written by a second author from the held-out leads, paraphrased rather than copied "
+        "(apart from names), before any model was scored on it, and not used to choose anything"
     ),
 }
 DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"

@@ -212,7 +212,7 @@ def positive_nll(scores: torch.Tensor) -> torch.Tensor:
 def score_divergence(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
     """Mean over queries of KL(teacher || student) between the softmax of each row; -inf (masked) columns,
     which both rows share, add nothing."""
-    teacher_log = torch.log_softmax(teacher_scores, dim=1)
+    teacher_log = torch.log_softmax(teacher_scores.detach(), dim=1)
     student_log = torch.log_softmax(student_scores, dim=1)
     terms = teacher_log.exp() * (teacher_log - student_log)
     return torch.where(torch.isinf(teacher_scores), 0.0, terms).sum(dim=1).mean()
@@ -267,6 +267,8 @@ def shuffled_batches(
 
 
 def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tuple[Encoder, TrainReport]:
+    if config.distill_weight < 0:
+        raise ValueError(f"--distill-weight must be 0 or more, not {config.distill_weight}.")
     seed_everything(config.seed)
     encoder = load_encoder(ModelSpec("base", config.base, pooling=config.pooling))
     if not encoder.shared_towers:
@@ -278,7 +280,6 @@ def train_dpr(config: TrainConfig, corpus: Corpus, progress: bool = True) -> tup
     teacher = None
     if config.distill_weight:
         teacher = load_encoder(ModelSpec("base", config.base, pooling=config.pooling))
-        teacher.query.model.eval()
     steps_per_epoch = len(examples) // config.batch_size
     total = steps_per_epoch * config.epochs
     if config.max_steps:

@@ -174,6 +174,7 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
         tmp_path, "", TrainConfig(distill_weight=0.5), report, dict(zip(models, map(evaluation, (0.2, 0.3, 0.4)))), 350
     )
     assert "dot products (no normalisation, as in DPR), plus 0.5 x KL(base || twin)" in distilled
+    assert "total loss (NLL + 0.5 x KL) 2.000 (first 20 steps)" in distilled
 
     pretrain = PretrainReport(
         {},

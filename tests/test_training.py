@@ -77,7 +77,6 @@ def test_score_divergence_is_kl_over_the_unmasked_columns():
         p, q = torch.softmax(t_row[kept], 0), torch.softmax(s_row[kept], 0)
         expected.append(float((p * (p / q).log()).sum()))
     assert float(score_divergence(teacher, student)) == pytest.approx(np.mean(expected), rel=1e-6)
-    assert score_divergence(teacher, teacher) == 0.0
     assert score_divergence(teacher, student) > 0.0
 
 
@@ -218,13 +217,17 @@ def test_distilling_from_the_base_keeps_the_twin_closer_to_it(tmp_path, wiki_sli
     )
     train, _ = split_indices(wiki_slice)
     batch = training_examples(wiki_slice, train[:32])[:16]
-    teacher = load_encoder(ModelSpec("base", str(base)))
+    teacher, student = load_encoder(ModelSpec("base", str(base))), load_encoder(ModelSpec("twin", str(base)))
     with torch.no_grad():
         teacher_scores = batch_scores(teacher, batch, wiki_slice, config)
-        # Before any step the twin is the base: the term adds nothing.
-        assert batch_loss(teacher, batch, wiki_slice, replace(config, distill_weight=5.0), teacher) == positive_nll(
-            teacher_scores
-        )
+    # A student with the base's weights (no dropout) adds nothing; its loss sends gradients to it, none to the teacher.
+    loss = batch_loss(student, batch, wiki_slice, replace(config, distill_weight=5.0), teacher)
+    assert torch.isclose(loss, positive_nll(teacher_scores))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.query.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.query.model.parameters())
+    with pytest.raises(ValueError, match="--distill-weight must be 0 or more"):
+        train_dpr(replace(config, distill_weight=-1.0), wiki_slice, progress=False)
 
     def divergence_after_training(weight: float) -> float:
         encoder, _ = train_dpr(replace(config, distill_weight=weight), wiki_slice, progress=False)
