@@ -26,6 +26,12 @@ INPUTS = ("queries", "passages")
 Progress = Callable[[int, int], None]
 
 
+UNDEFINED = (
+    "CKA is undefined at layer(s) {layers}: the model pools every input there to the same vector (under CLS "
+    "pooling, layer 0 is [CLS] + position 0 for every input)."
+)
+
+
 class CkaError(LensError):
     """A sample CKA cannot be computed on; the message is meant for the user."""
 
@@ -46,6 +52,12 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
         cross, norm_x, norm_y = np.linalg.norm(y.T @ x) ** 2, np.linalg.norm(x.T @ x), np.linalg.norm(y.T @ y)
     denominator = norm_x * norm_y
     return float(cross / denominator) if denominator > 0 else float("nan")
+
+
+def undefined_note(cka: dict[str, np.ndarray]) -> str | None:
+    """The sentence that explains layers without a CKA value, or None when every layer has one."""
+    layers = sorted({int(layer) for values in cka.values() for layer in np.flatnonzero(np.isnan(values))})
+    return UNDEFINED.format(layers=", ".join(map(str, layers))) if layers else None
 
 
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from .attribution.pairs import DEFAULT_PAIR_STEPS, cached_pair_map
 from .bundles import retrieval_bundle, token_bundle
 from .cache import ResultCache
 from .cards import dpr_twin_card, mlm_card
-from .cka import INPUTS, layer_similarity
+from .cka import INPUTS, layer_similarity, undefined_note
 from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_command, config_from_args
 from .corpus import CorpusError, LabelledQuery, description_queries, is_held_out, load_corpus, split_indices
 from .corpus_stream import load_scan
@@ -822,6 +822,8 @@ def cmd_cka(args) -> None:
         f"{layer:>6}" + "".join(f"{similarity.cka[kind][layer]:>10.3f}" for kind in INPUTS)
         for layer in range(len(similarity.cka["queries"]))
     ]
+    if note := undefined_note(similarity.cka):
+        lines.append(note)
     _print_result(options, payload, lines)
 
 

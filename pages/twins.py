@@ -7,7 +7,7 @@ from collections.abc import Callable
 import streamlit as st
 
 from core.bundles import TwinResults, twins_bundle
-from core.cka import layer_similarity
+from core.cka import layer_similarity, undefined_note
 from core.corpus import Corpus, LabelledQuery
 from core.errors import LensError
 from core.neuron_attribution import aggregate_sample, lookup_aggregate
@@ -233,6 +233,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         frame = views.cka_frame(result)
         chart = views.cka_chart(frame, "Linear CKA of A and B per layer")
         st.altair_chart(chart)
+        if note := undefined_note(result.cka):
+            st.caption(note)
         points, links = views.pca_frames(result, corpus.titles)
         computed.similarity, settings["cka_queries"] = result, len(queries)
         figures["cka"], tables["cka"], tables["pca"] = chart.to_dict(), frame, points

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from core.cka import layer_similarity, linear_cka, pca_2d
+from core.cka import layer_similarity, linear_cka, pca_2d, undefined_note
 from core.cli import main
 from core.neuron_attribution import aggregate_sample
 from core.pair import custom_pair, load_pair
@@ -53,16 +53,20 @@ def test_layer_similarity_of_models_with_different_widths_and_depths(tmp_path, w
     result = layer_similarity(load_pair(custom_pair(str(a), str(b))), wiki_slice, queries, cache)
     assert {kind: len(values) for kind, values in result.cka.items()} == {"queries": 3, "passages": 3}
     assert np.isnan(result.cka["passages"][0])  # B pools CLS: its layer-0 features are the same for every input
+    assert undefined_note(result.cka).startswith("CKA is undefined at layer(s) 0:") and undefined_note(same.cka) is None
     assert np.all((result.cka["passages"][1:] > 0) & (result.cka["passages"][1:] < 1))
     assert result.passages == [q.source_index for q in queries]
     assert {name: p.shape for name, p in result.projections.items()} == {"A": (12, 2), "B": (12, 2)}
 
 
-def test_cka_command_prints_json_on_the_mini_paper_pair(monkeypatch, tmp_path, capsys):
+def test_cka_command_prints_json_and_a_table_on_the_mini_paper_pair(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DPR_LENS_CACHE", str(tmp_path / "cache"))
     main(["cka", "--pair", "mini-paper", "--queries", "5", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["queries"] == 5 and len(result["cka"]["queries"]) == 5  # embeddings + 4 layers
+    main(["cka", "--pair", "mini-paper", "--queries", "5"])
+    out = capsys.readouterr().out
+    assert "nan" in out.splitlines()[2] and "CKA is undefined at layer(s) 0:" in out  # mini-BERT pools CLS
     with pytest.raises(SystemExit):
         main(["cka", "--pair", "mini-paper", "--queries", "2"])
     assert "CKA needs at least three queries" in capsys.readouterr().err
