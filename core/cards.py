@@ -91,7 +91,8 @@ def dpr_twin_card(
         similarity=similarity,
         distillation=(
             f", plus {config.distill_weight} x KL(base || twin) of each query's softmax over the same in-batch "
-            "scores, with the frozen base as teacher (learning without forgetting, Li and Hoiem 2016)"
+            f"scores for the {', '.join(f'`{style}`' for style in config.distill_styles)} queries, with the frozen "
+            "base as teacher (learning without forgetting, Li and Hoiem 2016)"
             if config.distill_weight
             else ""
         ),

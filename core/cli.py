@@ -256,7 +256,9 @@ def cmd_twin_card(args) -> None:
         raise LensError(f"{twin} has no train_log.json: it was not made by `python -m core train`.")
     logged = json.loads(log_path.read_text())
     config = TrainConfig(**{**logged["config"], "output": str(twin)})
-    config = dataclasses.replace(config, query_styles=tuple(config.query_styles))
+    config = dataclasses.replace(
+        config, query_styles=tuple(config.query_styles), distill_styles=tuple(config.distill_styles)
+    )
     report = TrainReport(**logged)
     corpus = load_corpus(args.corpus)
     command = config_command(TrainConfig, config, "python -m core train")

@@ -65,6 +65,12 @@ class TrainConfig:
         "weight of a term that keeps each query's in-batch score distribution close to the base's (learning "
         "without forgetting, Li and Hoiem 2016); 0 trains without it",
     )
+    distill_styles: tuple[str, ...] = cli_option(
+        ("question", "ict"),
+        "query styles the distillation term applies to: the sentence-shaped ones, which the base already ranks "
+        "well, leaving the descriptions free to move",
+        choices=QUERY_STYLES,
+    )
 
 
 @dataclass
@@ -85,6 +91,7 @@ class TrainingExample:
     hard_negative: int
     relevant: frozenset[int]
     positive_text: str | None = None  # the passage text of the positive when it is not the whole lead (ICT)
+    style: str = "description"
 
 
 def bm25_hard_negatives(
@@ -162,6 +169,7 @@ def training_examples(
     train_set = set(train)
     labelled: list[LabelledQuery] = []
     positive_texts: list[str | None] = []
+    example_styles: list[str] = []
     for style in styles:
         if style == "description":
             found = description_queries(corpus, train)
@@ -174,11 +182,12 @@ def training_examples(
             found, texts = [q for q, _ in pairs], [t for _, t in pairs]
         labelled += found
         positive_texts += texts
+        example_styles += [style] * len(found)
     relevant = [frozenset(i for i in q.relevant if i in train_set) for q in labelled]
     negatives = bm25_hard_negatives(corpus, list(train), [q.text for q in labelled], relevant)
     return [
-        TrainingExample(q.text, q.source_index, n, r, t)
-        for q, n, r, t in zip(labelled, negatives, relevant, positive_texts)
+        TrainingExample(q.text, q.source_index, n, r, t, style)
+        for q, n, r, t, style in zip(labelled, negatives, relevant, positive_texts, example_styles)
     ]
 
 
@@ -245,14 +254,16 @@ def batch_loss(
     config: TrainConfig,
     teacher: Encoder | None = None,
 ) -> torch.Tensor:
-    """The contrastive loss, plus `config.distill_weight` times the divergence from `teacher` (the frozen base)."""
+    """The contrastive loss, plus `config.distill_weight` times the divergence from `teacher` (the frozen base)
+    over the queries of `config.distill_styles`."""
     scores = batch_scores(encoder, batch, corpus, config)
     loss = positive_nll(scores)
-    if teacher is None or not config.distill_weight:
+    distilled = torch.tensor([example.style in config.distill_styles for example in batch])
+    if teacher is None or not config.distill_weight or not distilled.any():
         return loss
     with torch.no_grad():
         teacher_scores = batch_scores(teacher, batch, corpus, config)
-    return loss + config.distill_weight * score_divergence(teacher_scores, scores)
+    return loss + config.distill_weight * score_divergence(teacher_scores[distilled], scores[distilled])
 
 
 def shuffled_batches(

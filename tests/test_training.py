@@ -121,6 +121,9 @@ def test_training_examples_of_every_style_use_training_articles_only(wiki_slice)
     used = {e.positive for e in examples} | {e.hard_negative for e in examples}
     assert used <= set(train) and all(e.hard_negative not in e.relevant for e in examples)
     assert [e.query for e in ict] == [q.text for q, _ in inverse_cloze_pairs(wiki_slice, train, seed=5)]
+    assert {e.style for e in ict} == {"ict"} and [e.query for e in examples if e.style == "question"] == [
+        q.text for q in question_queries(wiki_slice, train)
+    ]
     with pytest.raises(ValueError, match="Unknown query style"):
         training_examples(wiki_slice, train, ("quiz",))
 
@@ -214,6 +217,7 @@ def test_distilling_from_the_base_keeps_the_twin_closer_to_it(tmp_path, wiki_sli
         warmup_fraction=0.0,
         passage_max_length=64,
         limit=32,
+        distill_styles=("description",),
     )
     train, _ = split_indices(wiki_slice)
     batch = training_examples(wiki_slice, train[:32])[:16]
@@ -236,3 +240,14 @@ def test_distilling_from_the_base_keeps_the_twin_closer_to_it(tmp_path, wiki_sli
 
     free, distilled = divergence_after_training(0.0), divergence_after_training(5.0)
     assert distilled < 0.5 * free, (distilled, free)
+
+    # Queries of other styles than --distill-styles get the plain loss, whatever the teacher says.
+    trained, _ = train_dpr(config, wiki_slice, progress=False)
+    other_styles = replace(config, distill_weight=5.0, distill_styles=("question", "ict"))
+    with torch.no_grad():
+        assert batch_loss(trained, batch, wiki_slice, other_styles, teacher) == batch_loss(
+            trained, batch, wiki_slice, config
+        )
+        assert batch_loss(
+            trained, batch, wiki_slice, replace(other_styles, distill_styles=("description",)), teacher
+        ) > (batch_loss(trained, batch, wiki_slice, config))
