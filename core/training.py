@@ -15,6 +15,11 @@ description-only twin it shipped before, R@1 on the development questions 0.594 
 test questions 57 -> 58 of 59, with no measurable change on the held-out descriptions (R@1 -0.006,
 95% interval [-0.023, +0.012]). On the development questions neither it nor any earlier run beat the
 base's R@10 (62 of 69; description + question, 180 steps: 61; description + ict, 150 steps: 62).
+
+Distillation (`--distill-weight`) keeps the base's in-batch ranking for the sentence-shaped queries. The same
+360 steps with weight 1.0 on the question and ict queries beat the base at R@10 on all three question sets
+(63/69, 58/59, 215/219 against 62, 57, 208) but lose R@1 on the held-out descriptions against the shipped twin
+(0.640 against 0.700, paired difference -0.060 [-0.086, -0.036]); it is not shipped.
 """
 
 from __future__ import annotations
