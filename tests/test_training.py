@@ -1,6 +1,7 @@
 import itertools
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,20 +138,24 @@ def test_leads_are_split_at_sentence_ends_and_fragments_are_dropped():
     ]
 
 
-def test_training_on_a_tiny_slice_lowers_the_loss_and_saves_a_loadable_twin(tmp_path, wiki_slice):
+def tiny_run(tmp_path, wiki_slice, **settings) -> tuple[Path, TrainConfig]:
+    """A tiny random base and the settings of a fast training run from it on the slice."""
     base = make_tiny_bert(tmp_path / "base", wiki_slice, pooling="mean", normalize=True, initializer_range=0.2)
     config = TrainConfig(
         base=str(base),
         output=str(tmp_path / "twin"),
         seed=3,
-        epochs=15,
         batch_size=16,
         learning_rate=1e-3,
         warmup_fraction=0.0,
         passage_max_length=64,
-        limit=40,
-        query_styles=("description",),
+        **settings,
     )
+    return base, config
+
+
+def test_training_on_a_tiny_slice_lowers_the_loss_and_saves_a_loadable_twin(tmp_path, wiki_slice):
+    base, config = tiny_run(tmp_path, wiki_slice, epochs=15, limit=40, query_styles=("description",))
     train, _ = split_indices(wiki_slice)
     examples = training_examples(wiki_slice, train[:40])
     batches = [examples[:16], examples[16:32]]
@@ -206,19 +211,7 @@ def test_training_loop_warms_up_from_zero_evaluates_on_schedule_and_ends_in_eval
 
 
 def test_distilling_from_the_base_keeps_the_twin_closer_to_it(tmp_path, wiki_slice):
-    base = make_tiny_bert(tmp_path / "base", wiki_slice, pooling="mean", normalize=True, initializer_range=0.2)
-    config = TrainConfig(
-        base=str(base),
-        output=str(tmp_path / "twin"),
-        seed=3,
-        epochs=4,
-        batch_size=16,
-        learning_rate=1e-3,
-        warmup_fraction=0.0,
-        passage_max_length=64,
-        limit=32,
-        distill_styles=("description",),
-    )
+    base, config = tiny_run(tmp_path, wiki_slice, epochs=4, limit=32, distill_styles=("description",))
     train, _ = split_indices(wiki_slice)
     batch = training_examples(wiki_slice, train[:32])[:16]
     teacher, student = load_encoder(ModelSpec("base", str(base))), load_encoder(ModelSpec("twin", str(base)))
