@@ -12,7 +12,8 @@ from .evaluation import Evaluation, paired_difference
 from .index import PASSAGE_MAX_LENGTH
 from .pair import LENS_CONFIG
 from .pretraining import PretrainConfig, PretrainReport
-from .training import TrainConfig, TrainReport
+from .soup import Ingredient, stored_in_fp16
+from .training import TrainConfig, TrainReport, training_command
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LOSS_WINDOW = 20  # steps averaged for the loss at the start and at the end of training
@@ -58,18 +59,8 @@ def difference_lines(evaluations: Mapping[str, Evaluation], names=("R@1", "R@10"
     return "\n".join(lines)
 
 
-def dpr_twin_card(
-    output: Path,
-    command: str,
-    config: TrainConfig,
-    report: TrainReport,
-    descriptions: Mapping[str, Evaluation],
-    corpus_size: int,
-    question_sets: Sequence[tuple[str, Mapping[str, Evaluation]]] = (),
-) -> str:
-    """The card of a trained twin; `descriptions` and each question set's evaluations map row labels to
-    evaluations, in row order (the twin last); a question set comes with the note that describes it."""
-    base = "all-MiniLM-L6-v2 (bundled, `minilm:`)" if config.base == "minilm:" else f"`{config.base}`"
+def _recipe(output: Path, command: str, config: TrainConfig, report: TrainReport, corpus_size: int) -> str:
+    """How one twin was trained: its command, recipe, data and run."""
     lens = json.loads((output / LENS_CONFIG).read_text())
     similarity = (
         f"scaled cosine similarities (scale {config.scale})"
@@ -77,15 +68,9 @@ def dpr_twin_card(
         else "dot products (no normalisation, as in DPR)"
     )
     first, last = report.losses[:LOSS_WINDOW], report.losses[-LOSS_WINDOW:]
-    question_section = "".join(
-        f"\n\n### Natural questions, set {number}\n\n{note}\n\n{results_table(evaluations)}\n\n"
-        f"{difference_lines(evaluations)}"
-        for number, (note, evaluations) in enumerate(question_sets, start=1)
-    )
     return fill(
-        "dpr_twin_card.md",
-        name=output.name,
-        base=base,
+        "twin_recipe.md",
+        base=_base(config.base),
         command=command,
         pooling=lens["pooling"],
         similarity=similarity,
@@ -116,10 +101,79 @@ def dpr_twin_card(
         loss_start=f"{sum(first) / max(1, len(first)):.3f}",
         loss_end=f"{sum(last) / max(1, len(last)):.3f}",
         storage=_storage(config.save_fp16),
+    )
+
+
+def _quality(
+    descriptions: Mapping[str, Evaluation],
+    corpus_size: int,
+    question_sets: Sequence[tuple[str, Mapping[str, Evaluation]]],
+) -> str:
+    """The retrieval tables: held-out descriptions, then each question set with the note that describes it."""
+    question_section = "".join(
+        f"\n\n### Natural questions, set {number}\n\n{note}\n\n{results_table(evaluations)}\n\n"
+        f"{difference_lines(evaluations)}"
+        for number, (note, evaluations) in enumerate(question_sets, start=1)
+    )
+    return fill(
+        "twin_quality.md",
+        corpus_size=corpus_size,
         queries=next(iter(descriptions.values())).queries,
         index_max_length=PASSAGE_MAX_LENGTH,
         description_table=results_table(descriptions) + "\n\n" + difference_lines(descriptions),
         question_section=question_section,
+    )
+
+
+def _base(base: str) -> str:
+    return "all-MiniLM-L6-v2 (bundled, `minilm:`)" if base == "minilm:" else f"`{base}`"
+
+
+def dpr_twin_card(
+    output: Path,
+    command: str,
+    config: TrainConfig,
+    report: TrainReport,
+    descriptions: Mapping[str, Evaluation],
+    corpus_size: int,
+    question_sets: Sequence[tuple[str, Mapping[str, Evaluation]]] = (),
+) -> str:
+    """The card of a trained twin; `descriptions` and each question set's evaluations map row labels to
+    evaluations, in row order (the twin last); a question set comes with the note that describes it."""
+    return fill(
+        "dpr_twin_card.md",
+        name=output.name,
+        base=_base(config.base),
+        recipe=_recipe(output, command, config, report, corpus_size).rstrip("\n"),
+        quality=_quality(descriptions, corpus_size, question_sets),
+    )
+
+
+def soup_card(
+    output: Path,
+    command: str,
+    ingredients: Sequence[Ingredient],
+    descriptions: Mapping[str, Evaluation],
+    corpus_size: int,
+    question_sets: Sequence[tuple[str, Mapping[str, Evaluation]]] = (),
+) -> str:
+    """The card of a soup: its command, each ingredient's training, and the soup's retrieval quality (the rows
+    as for `dpr_twin_card`)."""
+    sections = [
+        f"## Ingredient {number}: `{ingredient.path}`, weight {ingredient.weight:g}\n\n"
+        + _recipe(output, training_command(ingredient.config), ingredient.config, ingredient.report, corpus_size)
+        for number, ingredient in enumerate(ingredients, start=1)
+    ]
+    return fill(
+        "soup_card.md",
+        name=output.name,
+        base=_base(ingredients[0].config.base),
+        count=len(ingredients),
+        command=command,
+        weights=" and ".join(f"{ingredient.weight:g}" for ingredient in ingredients),
+        storage=_storage(stored_in_fp16(ingredients)),
+        ingredients="\n\n".join(section.rstrip("\n") for section in sections),
+        quality=_quality(descriptions, corpus_size, question_sets),
     )
 
 

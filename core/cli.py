@@ -1,10 +1,9 @@
-"""Command line: python -m core {pretrain, train, build-index, evaluate, probe, neurons-aggregate, token-ig,
-word-clouds, patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness, report}."""
+"""Command line: python -m core {pretrain, train, soup, twin-card, build-index, evaluate, probe, neurons-aggregate,
+token-ig, word-clouds, patch, neuron-overlap, paraphrase, cka, token-pairs, faithfulness, report}."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shlex
@@ -13,6 +12,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,9 @@ from .attribution.methods import agreement_summary
 from .attribution.pairs import DEFAULT_PAIR_STEPS, cached_pair_map
 from .bundles import retrieval_bundle, token_bundle
 from .cache import ResultCache
-from .cards import dpr_twin_card, mlm_card
+from .cards import dpr_twin_card, mlm_card, soup_card
 from .cka import INPUTS, layer_similarity, undefined_note
-from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_command, config_from_args
+from .cli_args import HelpWithDefaults, add_config_arguments, cli_option, config_from_args
 from .corpus import CorpusError, LabelledQuery, description_queries, is_held_out, load_corpus, split_indices
 from .corpus_stream import load_scan
 from .device import DEVICE_ENV, ENCODE_DTYPE_ENV, ENCODE_DTYPES, use_device
@@ -65,6 +65,7 @@ from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
 from .probing import NEGATIVE_SOURCES, ProbeConfig, format_table, run_probing
 from .report import build_zip
 from .retrieval import QUERY_BATCH, clean_query, retrieve
+from .soup import Ingredient, make_soup, read_soup, read_training_run, soup_command
 from .token_attribution import (
     METHODS,
     TOP_K,
@@ -74,21 +75,25 @@ from .token_attribution import (
     cached_ranking,
     word_sums,
 )
-from .training import TrainConfig, TrainReport, save_twin, train_dpr
+from .training import SOUP_LOG, TrainConfig, TrainReport, save_twin, train_dpr, training_command
 
 CORPUS_HELP = "JSONL corpus (default: bundled Wikipedia)"
 # Hand-written questions about held-out bundled Wikipedia articles: the first set chose the twin's training
-# recipe; the other two were written before any model was scored on them and chose nothing.
+# recipe; the other two were written before any model was scored on them, and no shipping rule used them.
 NATURAL_QUESTIONS = "assets/natural_questions.jsonl"
 NATURAL_QUESTIONS_TEST = "assets/natural_questions_test.jsonl"
 NATURAL_QUESTIONS_TEST_LARGE = "assets/natural_questions_test_large.jsonl"
 QUESTION_SETS = (NATURAL_QUESTIONS, NATURAL_QUESTIONS_TEST, NATURAL_QUESTIONS_TEST_LARGE)
 QUESTION_SET_ROLES = {
     NATURAL_QUESTIONS: "the development set: the training recipe was chosen on it",
-    NATURAL_QUESTIONS_TEST: "the test set: written before any model was scored on it, and not used to choose anything",
+    NATURAL_QUESTIONS_TEST: (
+        "the test set: written before any model was scored on it; its scores were printed for every candidate twin, "
+        "but no rule that chose a twin used them"
+    ),
     NATURAL_QUESTIONS_TEST_LARGE: (
         "the large test set: written by a second author from the held-out leads, paraphrased rather than copied "
-        "(apart from names), before any model was scored on it, and not used to choose anything"
+        "(apart from names), before any model was scored on it; its scores were printed for every candidate twin, "
+        "but no rule that chose a twin used them"
     ),
 }
 DESCRIBED_CORPUS_HELP = "JSONL corpus with descriptions (default: bundled Wikipedia)"
@@ -247,23 +252,51 @@ def cmd_train(args) -> None:
     write_twin_card(output, command, config, report, corpus, args.cache, question_sets, args.compare)
 
 
+def cmd_soup(args) -> None:
+    corpus = None if args.no_eval else load_corpus(args.corpus)
+    question_sets = None if args.no_eval else _question_sets(args, corpus)
+    output = Path(args.output)
+    ingredients = make_soup(args.twins, args.weights, output)
+    print(f"saved {output}, the mean of {len(ingredients)} twins")
+    if not args.no_eval:
+        command = soup_command(ingredients, output)
+        write_soup_card(output, command, ingredients, corpus, args.cache, question_sets, args.compare)
+
+
 def cmd_twin_card(args) -> None:
-    """The card of a twin trained earlier (its train_log.json), evaluated now; the command shown is the training
-    command that makes this directory."""
+    """The card of a twin made earlier (its train_log.json or soup_log.json), evaluated now; the command shown is
+    the one that makes this directory."""
     twin = Path(args.twin)
-    log_path = twin / "train_log.json"
-    if not log_path.is_file():
-        raise LensError(f"{twin} has no train_log.json: it was not made by `python -m core train`.")
-    logged = json.loads(log_path.read_text())
-    config = TrainConfig(**{**logged["config"], "output": str(twin)})
-    config = dataclasses.replace(
-        config, query_styles=tuple(config.query_styles), distill_styles=tuple(config.distill_styles)
-    )
-    report = TrainReport(**logged)
+    if (twin / SOUP_LOG).is_file():
+        ingredients = read_soup(twin)
+        write_card = partial(write_soup_card, twin, soup_command(ingredients, twin), ingredients)
+    else:
+        config, report = read_training_run(twin)
+        write_card = partial(write_twin_card, twin, training_command(config), config, report)
     corpus = load_corpus(args.corpus)
-    command = config_command(TrainConfig, config, "python -m core train")
-    write_twin_card(twin, command, config, report, corpus, args.cache, _question_sets(args, corpus), args.compare)
+    write_card(corpus, args.cache, _question_sets(args, corpus), args.compare)
     print(f"wrote {twin / 'README.md'}")
+
+
+def _card_evaluations(
+    output: Path,
+    base: str,
+    corpus,
+    cache_directory: str | None,
+    question_sets: Sequence[tuple[str, list[LabelledQuery]]],
+    compare: Sequence[str] | None,
+) -> tuple[dict[str, Evaluation], list[tuple[str, dict[str, Evaluation]]]]:
+    """The rows of a twin's card: its base, the models to compare with (named by their directory), and the twin
+    itself, on the held-out descriptions and on each question set (with the note that describes it)."""
+    specs = [ModelSpec(f"before: {base}", base)]
+    specs += [ModelSpec(Path(model).name, model) for model in compare or ()]
+    specs.append(ModelSpec("after: this model", str(output)))
+    descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, [q for _, q in question_sets])
+    labels = [spec.label for spec in specs]
+    return dict(zip(labels, descriptions)), [
+        (_questions_note(path, queries, corpus), dict(zip(labels, evaluations)))
+        for (path, queries), evaluations in zip(question_sets, answers)
+    ]
 
 
 def write_twin_card(
@@ -274,28 +307,27 @@ def write_twin_card(
     corpus,
     cache_directory: str | None,
     question_sets: Sequence[tuple[str, list[LabelledQuery]]] = (),
-    compare: str | None = None,
+    compare: Sequence[str] | None = None,
 ) -> None:
-    """README.md of a trained twin: its base, optionally an earlier twin, and the twin itself on every query set."""
-    specs = [ModelSpec(f"before: {config.base}", config.base)]
-    if compare:
-        specs.append(ModelSpec(f"previous twin: {Path(compare).name}", compare))
-    specs.append(ModelSpec("after: this model", str(output)))
-    descriptions, answers = _held_out_evaluations(corpus, cache_directory, specs, [q for _, q in question_sets])
-    labels = [spec.label for spec in specs]
-    card = dpr_twin_card(
-        output,
-        command,
-        config,
-        report,
-        dict(zip(labels, descriptions)),
-        len(corpus),
-        [
-            (_questions_note(path, queries, corpus), dict(zip(labels, evaluations)))
-            for (path, queries), evaluations in zip(question_sets, answers)
-        ],
-    )
+    """README.md of a trained twin."""
+    descriptions, answers = _card_evaluations(output, config.base, corpus, cache_directory, question_sets, compare)
+    card = dpr_twin_card(output, command, config, report, descriptions, len(corpus), answers)
     (output / "README.md").write_text(card)
+
+
+def write_soup_card(
+    output: Path,
+    command: str,
+    ingredients: Sequence[Ingredient],
+    corpus,
+    cache_directory: str | None,
+    question_sets: Sequence[tuple[str, list[LabelledQuery]]],
+    compare: Sequence[str] | None,
+) -> None:
+    """README.md of a soup."""
+    base = ingredients[0].config.base
+    descriptions, answers = _card_evaluations(output, base, corpus, cache_directory, question_sets, compare)
+    (output / "README.md").write_text(soup_card(output, command, ingredients, descriptions, len(corpus), answers))
 
 
 def cmd_build_index(args) -> None:
@@ -1056,7 +1088,12 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"labelled query sets also scored on the card (default: {NATURAL_QUESTIONS}, {NATURAL_QUESTIONS_TEST} "
         f"and {NATURAL_QUESTIONS_TEST_LARGE} on the bundled corpus)",
     )
-    parser.add_argument("--compare", metavar="MODEL", help="an earlier twin to show on the card too (e.g. a copy)")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="MODEL",
+        help="other models to show on the card too (an earlier twin, ingredients)",
+    )
 
 
 def _add_pair_and_corpus(parser: argparse.ArgumentParser, corpus_help: str = CORPUS_HELP) -> None:
@@ -1095,8 +1132,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation and card")
     _add_card_arguments(train)
 
-    card = _command(commands, "twin-card", "evaluate a trained twin again and rewrite its card", cmd_twin_card)
-    card.add_argument("--twin", required=True, help="the twin's directory (with its train_log.json)")
+    soup = _command(
+        commands, "soup", "average the weights of twins trained from one base (a model soup) and card it", cmd_soup
+    )
+    soup.add_argument("--twins", nargs="+", required=True, metavar="DIR", help="twin directories made by train")
+    soup.add_argument("--weights", nargs="+", type=float, help="one weight per twin, summing to 1 (default: equal)")
+    soup.add_argument("--output", required=True, help="directory for the soup")
+    soup.add_argument("--corpus", help=CORPUS_HELP)
+    soup.add_argument("--no-eval", action="store_true", help="skip the evaluation and card")
+    _add_card_arguments(soup)
+
+    card = _command(
+        commands, "twin-card", "evaluate a trained twin or a soup again and rewrite its card", cmd_twin_card
+    )
+    card.add_argument("--twin", required=True, help="the twin's directory (with its train_log.json or soup_log.json)")
     card.add_argument("--corpus", help=CORPUS_HELP)
     _add_card_arguments(card)
 

@@ -33,6 +33,7 @@ from core.cache import ResultCache
 from core.corpus import Corpus, load_wiki
 from core.corpus_stream import write_tsv
 from core.pair import ModelSpec, load_encoder
+from core.training import TrainConfig
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -87,6 +88,22 @@ def make_tiny_bert(
     if pooling:
         (directory / "dpr_lens.json").write_text(json.dumps({"pooling": pooling, "normalize": normalize}))
     return directory
+
+
+def tiny_run(tmp_path, wiki_slice, **settings) -> tuple[Path, TrainConfig]:
+    """A tiny random base and the settings of a fast training run from it on the slice."""
+    base = make_tiny_bert(tmp_path / "base", wiki_slice, pooling="mean", normalize=True, initializer_range=0.2)
+    config = TrainConfig(
+        base=str(base),
+        output=str(tmp_path / "twin"),
+        seed=3,
+        batch_size=16,
+        learning_rate=1e-3,
+        warmup_fraction=0.0,
+        passage_max_length=64,
+        **settings,
+    )
+    return base, config
 
 
 def make_tiny_dpr(directory: Path, corpus: Corpus, seed: int = 0) -> tuple[Path, Path]:

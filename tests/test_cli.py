@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from core.cards import dpr_twin_card, mlm_card
+from core.cards import dpr_twin_card, mlm_card, soup_card
 from core.cli import AggregateOptions, build_parser, ig_settings, main, probe_config
 from core.cli_args import add_config_arguments, cli_option, config_command, config_from_args
 from core.evaluation import Evaluation
 from core.pretraining import PretrainConfig, PretrainReport
 from core.probing import ProbeConfig
+from core.soup import Ingredient
 from core.token_attribution import IGSettings
 from core.training import TrainConfig, TrainReport
 
@@ -175,6 +176,24 @@ def test_cards_are_filled_with_the_measured_run(tmp_path: Path):
     )
     assert "dot products (no normalisation, as in DPR), plus 0.5 x KL(base || twin)" in distilled
     assert "total loss (NLL + 0.5 x KL) 2.000 (first 20 steps)" in distilled
+
+    ingredients = [
+        Ingredient(path, 0.5, TrainConfig(output=path, distill_weight=weight), report)
+        for path, weight in (("build/twin-free", 0.0), ("build/twin-distilled", 1.0))
+    ]
+    soup = soup_card(
+        tmp_path, "python -m core soup", ingredients, dict(zip(models, map(evaluation, (0.2, 0.3, 0.4)))), 350
+    )
+    assert soup.startswith("# " + tmp_path.name + " (DPR twin of all-MiniLM-L6-v2 (bundled, `minilm:`): a model soup)")
+    assert "```\npython -m core soup\n```" in soup and "weights\n  0.5 and 0.5; nothing was trained" in soup
+    free, distilled = soup.split("## Ingredient 1: `build/twin-free`, weight 0.5")[1].split(
+        "## Ingredient 2: `build/twin-distilled`, weight 0.5"
+    )
+    assert "python -m core train --output build/twin-free\n" in free and "KL(" not in free
+    assert "python -m core train --output build/twin-distilled --distill-weight 1.0\n" in distilled
+    assert "plus 1.0 x KL(base || twin)" in distilled and "40 steps in 2.5 min" in distilled
+    assert "| after: this model | 0.400 [0.390, 0.410] |" in distilled.split("## Retrieval quality")[1]
+    assert "$" not in soup
 
     pretrain = PretrainReport(
         {},

@@ -1,7 +1,6 @@
 import itertools
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from core.corpus import split_indices
 from core.pair import ModelSpec, load_encoder
 from core.train_loop import LoopSettings, hardware_description, run_training
 from core.training import (
-    TrainConfig,
     TrainingExample,
     batch_loss,
     batch_scores,
@@ -26,7 +24,7 @@ from core.training import (
     train_dpr,
     training_examples,
 )
-from tests.conftest import make_tiny_bert
+from tests.conftest import tiny_run
 
 # First and last losses of the tiny run below, recorded when the loss began masking every other copy of a query's
 # relevant passage (a hard negative can repeat another query's positive): a change to the batch order, negatives,
@@ -136,22 +134,6 @@ def test_leads_are_split_at_sentence_ends_and_fragments_are_dropped():
         "It has 2.1 million residents.",
         "It is the seat of government.",
     ]
-
-
-def tiny_run(tmp_path, wiki_slice, **settings) -> tuple[Path, TrainConfig]:
-    """A tiny random base and the settings of a fast training run from it on the slice."""
-    base = make_tiny_bert(tmp_path / "base", wiki_slice, pooling="mean", normalize=True, initializer_range=0.2)
-    config = TrainConfig(
-        base=str(base),
-        output=str(tmp_path / "twin"),
-        seed=3,
-        batch_size=16,
-        learning_rate=1e-3,
-        warmup_fraction=0.0,
-        passage_max_length=64,
-        **settings,
-    )
-    return base, config
 
 
 def test_training_on_a_tiny_slice_lowers_the_loss_and_saves_a_loadable_twin(tmp_path, wiki_slice):
