@@ -84,8 +84,9 @@ PRESETS: dict[str, PairSpec] = {
         b=ModelSpec("MiniLM-Wiki-DPR (A after DPR training)", str(TWIN_DIR)),
         description=(
             "A is sentence-transformers/all-MiniLM-L6-v2, a general-purpose retriever (not a plain "
-            "pre-trained LM); B is the same model after DPR training on the bundled Wikipedia corpus. "
-            "Runs with no model hub."
+            "pre-trained LM); B is the same model after DPR training on the bundled Wikipedia corpus: the "
+            "mean of the weights of two DPR-trained copies, one of them also held close to A on its question and "
+            "inverse-cloze training queries (see assets/minilm-wiki-dpr/README.md). Runs with no model hub."
         ),
         needs_hub=False,
     ),
