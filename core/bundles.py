@@ -538,8 +538,9 @@ def twins_bundle(
     if results.patching_aggregate is not None:
         aggregate = results.patching_aggregate
         lines += [
-            f"Activation patching, mean over {len(aggregate.queries)} queries; the (layer, site) that recovers most: "
-            + "; ".join(f"{name}: {_best_cell(aggregate.summary(name).mean)}" for name in DIRECTIONS)
+            f"Activation patching, pooled over {len(aggregate.queries)} queries (summed score changes over summed "
+            "gaps); the (layer, site) that recovers most: "
+            + "; ".join(f"{name}: {_best_cell(aggregate.summary(name).pooled)}" for name in DIRECTIONS)
             + ".",
             "",
         ]

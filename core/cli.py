@@ -716,19 +716,20 @@ def cmd_patch(args) -> None:
         payload = {"queries": aggregate.queries, "sites": PATCH_SITES, "directions": {}}
         lines = [
             f"Activation patching over {len(queries)} held-out description queries, target = B's embedding of "
-            "B's top-1; recovered fraction (s_patched - s_R) / (s_D - s_R), mean [95% bootstrap] per layer:"
+            "B's top-1; recovered share of the score gap, sum(s_patched - s_R) / sum(s_D - s_R) over the queries "
+            "[95% bootstrap], and the median of the per-query fractions, per layer:"
         ]
         for direction in DIRECTIONS:
             summary = aggregate.summary(direction)
             payload["directions"][direction] = {
-                "mean": summary.mean,
+                "pooled": summary.pooled,
                 "low": summary.low,
                 "high": summary.high,
                 "median": summary.median,
                 "defined": summary.defined,
                 "median_rank": np.median(aggregate.ranks(direction), 0),
             }
-            lines += [f"{direction} mean", *_grid(summary.mean), f"{direction} median", *_grid(summary.median)]
+            lines += [f"{direction} pooled", *_grid(summary.pooled), f"{direction} median", *_grid(summary.median)]
             lines += [f"{direction} 95% interval"] + [
                 f"{layer + 1:>6}" + "".join(f"{f'[{lo:.2f}, {hi:.2f}]':>14}" for lo, hi in zip(low, high))
                 for layer, (low, high) in enumerate(zip(summary.low, summary.high))

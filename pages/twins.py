@@ -59,7 +59,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         "A←B: A runs on the query with one layer's site replaced by B's activation (all positions); B←A the "
         "reverse. Target: B's indexed embedding of B's top-1 passage, for both directions; ranks are in B's "
         "index. Recovered fraction (s_patched − s_recipient) / (s_donor − s_recipient): 0 = the recipient's own "
-        "score, 1 = the donor's."
+        "score, 1 = the donor's. Over many queries: the sums of both differences, divided (a query whose two "
+        "clean scores nearly tie would dominate a mean of fractions), with the median fraction in the table."
     )
 
     def patching() -> None:
@@ -95,7 +96,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 aggregate = aggregate_patching(pair, indexes["B"], corpus, queries, cache, report_progress)
         if aggregate is not None:
             frame = views.aggregate_patching_frame(aggregate)
-            chart = views.patching_heatmaps(frame, f"Mean over {len(queries)} queries")
+            chart = views.patching_heatmaps(frame, f"Pooled over {len(queries)} queries")
             st.altair_chart(chart)
             st.dataframe(frame, hide_index=True)
             computed.patching_aggregate, settings["patching_queries"] = aggregate, len(queries)

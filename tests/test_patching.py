@@ -116,16 +116,30 @@ def test_aggregate_summarises_every_query(twins, wiki_slice, index_b, cache):
     aggregate = aggregate_patching(twins["mean"], index_b, wiki_slice, queries, cache)
     values = aggregate.recovered("A←B")
     assert values.shape[0] == len(queries) == len(aggregate.results)
-    np.testing.assert_allclose(aggregate.summary("A←B").mean, np.nanmean(values, 0))
+    directions = [result.directions["A←B"] for result in aggregate.results]
+    gains = sum(d.scores - d.recipient_score for d in directions)
+    gap = sum(d.donor_score - d.recipient_score for d in directions)
+    summary = aggregate.summary("A←B")
+    np.testing.assert_allclose(summary.pooled, gains / gap, rtol=1e-5)
+    np.testing.assert_allclose(summary.median, np.median(values, 0))
 
 
-def test_cell_summary_skips_undefined_queries():
-    values = np.array([[[0.0, np.nan]], [[1.0, np.nan]], [[2.0, 4.0]]])
-    summary = summarise_cells(values, samples=200)
-    assert summary.mean.tolist() == [[1.0, 4.0]]
-    assert summary.defined.tolist() == [[3, 1]]
-    assert summary.median[0, 0] == 1.0 and summary.low[0, 0] <= 1.0 <= summary.high[0, 0]
-    assert summary.low[0, 1] == summary.high[0, 1] == 4.0
+def test_cell_summary_pools_the_gaps_so_a_near_tie_cannot_dominate():
+    # Query 2's clean scores nearly tie: its own fraction is 0.03 / 0.01 = 3, which a mean of fractions would show.
+    gains = np.array([[[0.5, 0.0]], [[1.0, 0.2]], [[0.03, 0.0]]])
+    gaps = np.array([1.0, 1.0, 0.01])
+    summary = summarise_cells(gains, gaps, samples=300)
+    np.testing.assert_allclose(summary.pooled, [[1.53 / 2.01, 0.2 / 2.01]])
+    np.testing.assert_allclose(summary.median, [[1.0, 0.0]])
+    assert summary.defined.tolist() == [[3, 3]]
+    assert (summary.low <= summary.pooled).all() and (summary.pooled <= summary.high).all()
+
+    # A query whose gap vanishes has no fraction of its own but still counts in the pooled share (its gains add).
+    tie = summarise_cells(np.array([[[0.4]], [[0.2]]]), np.array([1.0, 0.0]), samples=50)
+    assert tie.defined.tolist() == [[1]] and tie.median.tolist() == [[0.4]]
+    np.testing.assert_allclose(tie.pooled, [[0.6]])
+    nothing = summarise_cells(np.array([[[0.4]]]), np.array([0.0]), samples=50)
+    assert np.isnan(nothing.pooled).all() and np.isnan(nothing.median).all() and np.isnan(nothing.low).all()
 
 
 def test_pairs_that_are_not_twins_are_refused_in_one_sentence(tmp_path, wiki_slice, index_b):

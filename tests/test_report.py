@@ -298,7 +298,7 @@ def test_twin_page_reports_the_sections_it_computed(tiny_app, tiny_bert_dir, twi
         "paraphrases-per-need": ({"need", "gold", "top-10 Jaccard A", "top-10 Jaccard B"}, 1),
     }
     settings |= {"patching_queries": 3, "overlap_queries": 2, "needs": 1}
-    named = ("mean over 3 queries", "held-out queries (2 queries)", "built-in needs (1 need")
+    named = ("pooled over 3 queries", "held-out queries (2 queries)", "built-in needs (1 need")
     check_zip(report(at, tiny_app, "tw_report"), labels, figures, tables, settings, named)
 
 

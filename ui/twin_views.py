@@ -55,7 +55,7 @@ def aggregate_patching_frame(aggregate: PatchingAggregate) -> pd.DataFrame:
     frames = []
     for direction in DIRECTIONS:
         summary = aggregate.summary(direction)
-        frames.append(patching_frame(direction, summary.mean, summary=summary))
+        frames.append(patching_frame(direction, summary.pooled, summary=summary))
     return pd.concat(frames)
 
 
