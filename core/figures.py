@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 
 from .attribution.deletion import DeletionCurve
-from .palette import model_colour
+from .palette import dashed_lines_with_points, model_colour
 from .retrieval import Overlap, Ranking
 
 
@@ -59,21 +59,14 @@ def deletion_frame(curves: dict[str, DeletionCurve]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "tokens removed", "score", "order"])
 
 
-def deletion_chart(frame: pd.DataFrame) -> alt.Chart:
-    return (
-        alt.Chart(frame)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
-            color=model_colour(legend=alt.Legend()),
-            strokeDash=alt.StrokeDash(
-                "order:N", legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=2, symbolSize=400)
-            ),
-            tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
-        )
-        .properties(height=300)
+def deletion_chart(frame: pd.DataFrame) -> alt.LayerChart:
+    base = alt.Chart(frame).encode(
+        x=alt.X("tokens removed:Q", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("score:Q", title="s(q, p)", scale=alt.Scale(zero=False)),
+        color=model_colour(legend=alt.Legend()),
+        tooltip=["model:N", "order:N", "tokens removed:Q", alt.Tooltip("score:Q", format=".4f")],
     )
+    return dashed_lines_with_points(base, "order:N").properties(height=300)
 
 
 def word_cloud_png(weights: dict[str, float], colormap: str) -> bytes:

@@ -18,3 +18,15 @@ def model_colour(
     names = list(MODEL_COLOURS)
     domain = [labels[name] for name in names] if labels else names
     return alt.Color(field, scale=alt.Scale(domain=domain, range=[MODEL_COLOURS[n] for n in names]), legend=legend)
+
+
+def line_style_legend(**options) -> alt.Legend:
+    """The legend of a strokeDash encoding: grey line samples, since colour is the model's (its own legend)."""
+    return alt.Legend(symbolType="stroke", symbolStrokeColor="#555555", symbolStrokeWidth=2, symbolSize=400, **options)
+
+
+def dashed_lines_with_points(base: alt.Chart, dash: str, legend: alt.Legend | None = None) -> alt.LayerChart:
+    """Lines styled by the `dash` field, with a dot at each value. The dots are a layer of their own: a line mark
+    with point=True draws its strokeDash legend without line samples (vega-lite issue 7033)."""
+    lines = base.mark_line().encode(strokeDash=alt.StrokeDash(dash, legend=legend or line_style_legend()))
+    return lines + base.mark_point(filled=True, opacity=1).encode(detail=dash)

@@ -192,12 +192,14 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
             return
         result = lookup_probing(pair, corpus, config, result_cache())
         if result is None:
-            st.info(
+            notice = st.empty()
+            notice.info(
                 "Not computed yet for these settings. On a 2-core CPU the default sample takes several minutes "
                 "(encoding is most of it); `python -m core probe` fills the same cache."
             )
             if not st.button("Run probing", key="probe_run", type="primary"):
                 return
+            notice.empty()
             indexes = require_indexes(pair, corpus) if negatives != "bm25" else None
             try:
                 with activity("Probing: encoding the sample and fitting probes, step"):

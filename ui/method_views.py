@@ -16,7 +16,7 @@ from core.cache import ResultCache
 from core.corpus import Corpus
 from core.index import DenseIndex
 from core.pair import ModelPair
-from core.palette import MODEL_COLOURS, model_colour
+from core.palette import MODEL_COLOURS, dashed_lines_with_points, model_colour
 from core.report import Bundle
 from core.retrieval import retrieve
 from core.token_attribution import IGSettings
@@ -74,22 +74,16 @@ def aopc_chart(frame: pd.DataFrame, side: str) -> alt.Chart:
     )
 
 
-def rank_chart(frame: pd.DataFrame, side: str) -> alt.Chart:
+def rank_chart(frame: pd.DataFrame, side: str) -> alt.FacetChart:
     """The passage's rank among the top-100 after each edit, per method."""
-    table = frame[frame["side"] == side]
-    return (
-        alt.Chart(table)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("k:Q", title="tokens removed (comprehensiveness) / kept (sufficiency)"),
-            y=alt.Y("rank:Q", title="rank of the passage", scale=alt.Scale(reverse=True)),
-            color=model_colour(),
-            strokeDash=alt.StrokeDash("order:N", title="order"),
-            column=alt.Column("measure:N", title=None),
-            tooltip=["model", "order", "k", "rank", alt.Tooltip("score drop:Q", format=".4f")],
-        )
-        .properties(width=300, height=220)
+    base = alt.Chart().encode(
+        x=alt.X("k:Q", title="tokens removed (comprehensiveness) / kept (sufficiency)"),
+        y=alt.Y("rank:Q", title="rank of the passage", scale=alt.Scale(reverse=True)),
+        color=model_colour(),
+        tooltip=["model", "order", "k", "rank", alt.Tooltip("score drop:Q", format=".4f")],
     )
+    layers = dashed_lines_with_points(base, "order:N").properties(width=300, height=220)
+    return layers.facet(column=alt.Column("measure:N", title=None), data=frame[frame["side"] == side])
 
 
 def pair_frame(result: TokenPairMap, words: bool, limit: int) -> tuple[pd.DataFrame, int]:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from core.corpus import Corpus
 from core.evaluation import DEPTH, Evaluation, QueryOutcome, paired_difference
-from core.palette import model_colour
+from core.palette import dashed_lines_with_points, line_style_legend, model_colour
 from core.probing import ProbeResult
 
 KIND_LABELS = {
@@ -45,30 +45,26 @@ def probe_chart(result: ProbeResult, n: int, kinds: Sequence[str]) -> alt.Chart:
     x = alt.X("layer:O", title="layer (0 = embeddings)", axis=alt.Axis(labelAngle=0))
     labels = {name: f"{name}: {label}" for name, label in result.models.items()}
     color = model_colour(labels=labels)
-    lines = (
-        alt.Chart(frame)
-        .mark_line(point=True)
-        .encode(
-            x=x,
-            y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
-            color=color,
-            strokeDash=alt.StrokeDash(
-                "kind:N", legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400)
-            ),
-            tooltip=[
-                "model:N",
-                "kind:N",
-                "layer:O",
-                alt.Tooltip("accuracy:Q", format=".3f"),
-                alt.Tooltip("low:Q", format=".3f"),
-                alt.Tooltip("high:Q", format=".3f"),
-            ],
-        )
+    base = alt.Chart(frame).encode(
+        x=x,
+        y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
+        color=color,
+        tooltip=[
+            "model:N",
+            "kind:N",
+            "layer:O",
+            alt.Tooltip("accuracy:Q", format=".3f"),
+            alt.Tooltip("low:Q", format=".3f"),
+            alt.Tooltip("high:Q", format=".3f"),
+        ],
+    )
+    lines = dashed_lines_with_points(
+        base, "kind:N", line_style_legend(orient="bottom", direction="vertical", labelLimit=400)
     )
     bands = (
         alt.Chart(frame.dropna(subset=["low"]))
         .mark_area(opacity=0.12)
-        .encode(x=x, y="low:Q", y2="high:Q", color=model_colour(labels=labels, legend=None), detail="kind:N")
+        .encode(x=x, y="low:Q", y2="high:Q", color=color, detail="kind:N")
     )
     chance = (
         alt.Chart(pd.DataFrame({"chance": [1 / n]})).mark_rule(color="gray", strokeDash=[2, 2]).encode(y="chance:Q")

@@ -8,7 +8,7 @@ import pandas as pd
 
 from core.cka import INPUTS, LayerSimilarity
 from core.overlap import OverlapAggregate
-from core.palette import MODEL_COLOURS, model_colour
+from core.palette import MODEL_COLOURS, dashed_lines_with_points, model_colour
 from core.paraphrase import ParaphraseReport
 from core.patching import (
     DIRECTIONS,
@@ -176,19 +176,14 @@ def cka_frame(similarity: LayerSimilarity) -> pd.DataFrame:
     )
 
 
-def cka_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
-    return (
-        alt.Chart(frame, title=title)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("layer:O", title="layer (0 = embeddings)"),
-            y=alt.Y("CKA:Q", scale=alt.Scale(domain=[0, 1])),
-            strokeDash=alt.StrokeDash("inputs:N", legend=alt.Legend(orient="bottom")),
-            color=alt.value("#555555"),
-            tooltip=["layer", "inputs", alt.Tooltip("CKA:Q", format=".3f")],
-        )
-        .properties(width=420, height=240)
+def cka_chart(frame: pd.DataFrame, title: str) -> alt.LayerChart:
+    base = alt.Chart(frame, title=title).encode(
+        x=alt.X("layer:O", title="layer (0 = embeddings)", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("CKA:Q", title="linear CKA", scale=alt.Scale(zero=False)),
+        color=alt.value("#555555"),
+        tooltip=["layer", "inputs", alt.Tooltip("CKA:Q", format=".3f")],
     )
+    return dashed_lines_with_points(base, "inputs:N").properties(width=420, height=240)
 
 
 def pca_frames(similarity: LayerSimilarity, titles: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
