@@ -85,7 +85,7 @@ def _heatmap(frame: pd.DataFrame, title: str, color_title: str, peak_title: str)
                 alt.Tooltip("peak:Q", title=peak_title, format=".3f"),
             ],
         )
-        .properties(height=alt.Step(16), width=320)
+        .properties(height=alt.Step(20), width=320)  # at 16 px Vega hid every other layer's label
     )
 
 

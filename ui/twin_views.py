@@ -59,6 +59,10 @@ def aggregate_patching_frame(aggregate: PatchingAggregate) -> pd.DataFrame:
     return pd.concat(frames)
 
 
+# One word per line: side by side, the site names are wider than their columns.
+WORD_PER_LINE_LABELS = alt.Axis(labelAngle=0, labelExpr="split(datum.label, ' ')")
+
+
 def patching_heatmaps(frame: pd.DataFrame, title: str) -> alt.HConcatChart:
     """Layer x site per direction; colour from white (the recipient's own score) to the donor's colour (1)."""
     tooltips = [
@@ -70,7 +74,7 @@ def patching_heatmaps(frame: pd.DataFrame, title: str) -> alt.HConcatChart:
     for direction, (recipient, donor) in DIRECTIONS.items():
         part = frame[frame.direction == direction]
         base = alt.Chart(part, title=f"{title}: {direction} ({recipient} run with {donor}'s activation)").encode(
-            x=alt.X("site:N", sort=[SITE_TITLES[s] for s in PATCH_SITES], title=None),
+            x=alt.X("site:N", sort=[SITE_TITLES[s] for s in PATCH_SITES], title=None, axis=WORD_PER_LINE_LABELS),
             y=alt.Y("layer:O", sort="descending"),
         )
         cells = base.mark_rect().encode(
@@ -84,7 +88,7 @@ def patching_heatmaps(frame: pd.DataFrame, title: str) -> alt.HConcatChart:
             ],
         )
         labels = base.mark_text(fontSize=11).encode(text=alt.Text("recovered:Q", format=".2f"))
-        charts.append((cells + labels).properties(width=260, height=alt.Step(26)))
+        charts.append((cells + labels).properties(width=alt.Step(110), height=alt.Step(26)))
     return alt.hconcat(*charts).resolve_scale(color="independent")
 
 
