@@ -9,7 +9,8 @@ Target: e = B's indexed embedding of one passage (default: B's top-1), the same 
 score s = pooled(q) . e lives in B's score space, and ranks are taken in B's index.
 Recovered fraction of R <- D: (s_patched - s_R) / (s_D - s_R), 0 = the recipient's own score, 1 = the donor's.
 For A <- B this is "how much of B's preference moves into A"; B <- A is the same formula with the roles
-swapped: how much of A's score moves into B (1 = B falls all the way back to A's score). The patched run pools
+swapped: how much of A's score moves into B (1 = B falls all the way back to A's score). Over many queries
+the fraction is the summed score changes over the summed gaps (`summarise_cells`). The patched run pools
 as the recipient pools, so the last layer's residual stream reproduces the donor's embedding exactly when both
 models pool the same way.
 
