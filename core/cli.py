@@ -60,7 +60,7 @@ from .overlap import COUNTS, neuron_overlap
 from .pair import DEFAULT_PRESET, PRESETS, ModelSpec, load_encoder, load_pair
 from .paraphrase import DEFAULT_K, Need, load_needs, paraphrase_agreement
 from .passage_store import store_directory
-from .patching import DIRECTIONS, PATCH_SITES, aggregate_patching, patch_query
+from .patching import DIRECTIONS, PATCH_SITES, aggregate_patching, near_tie_note, patch_query
 from .pretraining import PretrainConfig, pretrain_mlm, save_pretrained_model
 from .probing import NEGATIVE_SOURCES, ProbeConfig, format_table, run_probing
 from .report import build_zip
@@ -766,6 +766,8 @@ def cmd_patch(args) -> None:
             "rank of the target:",
             *_grid(d.ranks, "{:8.0f}"),
         ]
+    if note := near_tie_note(result):
+        lines.append(note)
     _print_result(options, payload, lines)
 
 

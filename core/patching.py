@@ -43,6 +43,7 @@ PATCH_SITES: tuple[str, ...] = ("intermediate", "output", "layer")
 SITE_TITLES = {"intermediate": "FFN intermediate", "output": "FFN output", "layer": "layer output (residual)"}
 DIRECTIONS: dict[str, tuple[str, str]] = {"A←B": ("A", "B"), "B←A": ("B", "A")}  # name: (recipient, donor)
 MIN_GAP = 1e-6  # |s_D - s_R| below this leaves the recovered fraction undefined
+NEAR_TIE = 0.05  # a gap below this share of the larger clean score makes one query's fractions unstable
 Site = tuple[int, str]
 Progress = Callable[[int, int], None]
 
@@ -182,6 +183,22 @@ class QueryPatching:
     @property
     def layers(self) -> int:
         return next(iter(self.directions.values())).scores.shape[0]
+
+
+def near_tie_note(result: QueryPatching) -> str | None:
+    """One sentence when A's and B's clean scores of the target nearly tie, so that this query's fractions divide
+    by a small gap; None otherwise."""
+    clean = next(iter(result.directions.values()))
+    gap = abs(clean.donor_score - clean.recipient_score)
+    larger = max(abs(clean.donor_score), abs(clean.recipient_score))
+    if gap >= max(NEAR_TIE * larger, MIN_GAP):
+        return None
+    share = f", {gap / larger:.1%} of the larger score" if larger else ""
+    return (
+        f"A and B score the target almost alike: they differ by {gap:.4f}{share}. Every fraction divides by that "
+        "difference, so small score changes read as large fractions here; the aggregate over many queries is "
+        "steadier."
+    )
 
 
 PATCHING = Analysis(

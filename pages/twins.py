@@ -20,7 +20,7 @@ from core.paraphrase import (
     paraphrase_agreement,
     parse_phrasings,
 )
-from core.patching import aggregate_patching, lookup_patching_aggregate, patch_query, require_twins
+from core.patching import aggregate_patching, lookup_patching_aggregate, near_tie_note, patch_query, require_twins
 from core.runtime import report_progress
 from ui import twin_views as views
 from ui.frame import run_page
@@ -73,6 +73,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 f"Target: {escape(corpus.titles[result.passage] or corpus.ids[result.passage])} · "
                 f"s_A = {scores['A']:.4f} · s_B = {scores['B']:.4f}"
             )
+            if note := near_tie_note(result):
+                st.warning(note)
             frame = views.query_patching_frame(result.directions)
             chart = views.patching_heatmaps(frame, "This query")
             st.altair_chart(chart)

@@ -18,8 +18,11 @@ from core.patching import (
     DIRECTIONS,
     PATCH_SITES,
     PATCHING,
+    DirectionPatching,
+    QueryPatching,
     TwinError,
     aggregate_patching,
+    near_tie_note,
     patch_query,
     patch_sites,
     patched_embeddings,
@@ -183,3 +186,15 @@ def test_patch_command_prints_json_on_the_offline_pair(monkeypatch, tmp_path, ca
     for direction in DIRECTIONS:
         recovered = np.array(result["directions"][direction]["recovered"], dtype=float)  # null: NaN
         assert recovered.shape == (6, 3) and recovered[-1, -1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_query_whose_clean_scores_nearly_tie_gets_a_note():
+    def result(recipient_score: float, donor_score: float) -> QueryPatching:
+        direction = DirectionPatching("A", "B", recipient_score, donor_score, 3, 1, np.zeros((1, 3)), np.ones((1, 3)))
+        return QueryPatching("q", 0, {"A←B": direction})
+
+    note = near_tie_note(result(0.7865, 0.8121))
+    assert note is not None and "differ by 0.0256, 3.2% of the larger score." in note
+    assert near_tie_note(result(0.60, 0.80)) is None
+    assert near_tie_note(result(40.0, 80.0)) is None  # dot products: the gap is measured against the scores' size
+    assert "differ by 0.0000. Every" in near_tie_note(result(0.0, 0.0))
