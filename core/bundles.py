@@ -25,7 +25,7 @@ from .neuron_attribution import SITES, NeuronAggregate, TargetedAttribution
 from .overlap import OverlapAggregate
 from .pair import ModelPair
 from .paraphrase import ParaphraseReport
-from .patching import DIRECTIONS, PATCH_SITES, SITE_TITLES, PatchingAggregate, QueryPatching
+from .patching import DIRECTIONS, PATCH_SITES, SITE_TITLES, PatchingAggregate, QueryPatching, near_tie_note
 from .probing import ProbeResult
 from .report import Bundle
 from .retrieval import Ranking, clean_query, compare_rankings
@@ -535,11 +535,13 @@ def twins_bundle(
             + ".",
             "",
         ]
+        if note := near_tie_note(patching):
+            lines += [note, ""]
     if results.patching_aggregate is not None:
         aggregate = results.patching_aggregate
         lines += [
-            f"Activation patching, pooled over {len(aggregate.queries)} queries (summed score changes over summed "
-            "gaps); the (layer, site) that recovers most: "
+            f"Activation patching, pooled over {len(aggregate.queries)} queries (the fractions weighted by their "
+            "score gaps); the (layer, site) that recovers most: "
             + "; ".join(f"{name}: {_best_cell(aggregate.summary(name).pooled)}" for name in DIRECTIONS)
             + ".",
             "",

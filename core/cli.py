@@ -716,8 +716,8 @@ def cmd_patch(args) -> None:
         payload = {"queries": aggregate.queries, "sites": PATCH_SITES, "directions": {}}
         lines = [
             f"Activation patching over {len(queries)} held-out description queries, target = B's embedding of "
-            "B's top-1; recovered share of the score gap, sum(s_patched - s_R) / sum(s_D - s_R) over the queries "
-            "[95% bootstrap], and the median of the per-query fractions, per layer:"
+            "B's top-1; recovered fraction (s_patched - s_R) / (s_D - s_R), pooled: the per-query fractions "
+            "weighted by |s_D - s_R| [95% bootstrap], and their median, per layer:"
         ]
         for direction in DIRECTIONS:
             summary = aggregate.summary(direction)

@@ -10,7 +10,7 @@ score s = pooled(q) . e lives in B's score space, and ranks are taken in B's ind
 Recovered fraction of R <- D: (s_patched - s_R) / (s_D - s_R), 0 = the recipient's own score, 1 = the donor's.
 For A <- B this is "how much of B's preference moves into A"; B <- A is the same formula with the roles
 swapped: how much of A's score moves into B (1 = B falls all the way back to A's score). Over many queries
-the fraction is the summed score changes over the summed gaps (`summarise_cells`). The patched run pools
+the fractions are averaged with each query's |s_D - s_R| as its weight (`summarise_cells`). The patched run pools
 as the recipient pools, so the last layer's residual stream reproduces the donor's embedding exactly when both
 models pool the same way.
 
@@ -20,7 +20,6 @@ is patched at its own (layer, site) only. Rows never mix in an encoder, so each 
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -275,37 +274,43 @@ def patch_query(
 
 @dataclass(frozen=True)
 class CellSummary:
-    """Per (layer, site), over queries: the share of the summed score gap that patching recovers, its bootstrap
-    interval (95%), and the median of the per-query fractions (over the queries where one is defined)."""
+    """Per (layer, site), over queries: the pooled recovered fraction (`summarise_cells`), its bootstrap interval
+    (95%), and the median of the per-query fractions."""
 
     pooled: np.ndarray
     low: np.ndarray
     high: np.ndarray
     median: np.ndarray
-    defined: np.ndarray  # queries with a per-query fraction in each cell
+    defined: np.ndarray  # queries that count (their two clean scores do not tie)
 
 
 def summarise_cells(gains: np.ndarray, gaps: np.ndarray, samples: int = 1000, seed: int = 0) -> CellSummary:
     """gains: (queries, layers, sites), s_patched - s_R; gaps: (queries,), s_D - s_R.
 
-    The pooled fraction is sum(gains) / sum(gaps), a ratio of means as in Wang et al. 2022: a mean of per-query
-    fractions lets the queries whose two clean scores nearly tie dominate it (a gap of 0.01 turns a score change of
-    0.03 into a fraction of 3). NaN where the summed gap (nearly) vanishes."""
+    The pooled fraction is the mean of the per-query fractions weighted by |gap|: sum(sign x gains) / sum(|gaps|),
+    with each query turned so that its gap is positive. The weights keep near ties from dominating (a gap of 0.01
+    turns a score change of 0.03 into a fraction of 3); turning the signs keeps a query whose gap runs the other
+    way (A scores B's top-1 higher than B does) from cancelling the others, as in a plain ratio of sums. A query
+    whose two clean scores tie counts nowhere; the interval needs two queries that count."""
+    signs = np.where(np.abs(gaps) < MIN_GAP, 0.0, np.sign(gaps))
+    counted = signs != 0
+    shape = gains.shape[1:]
+    undefined = np.full(shape, np.nan)
+    if not counted.any():
+        return CellSummary(undefined, undefined, undefined, undefined, np.zeros(shape, dtype=int))
+    turned, sizes = (gains * signs[:, None, None]).reshape(len(gaps), -1), np.abs(gaps) * counted
     # Each bootstrap sample as how often it draws each query, so that sums over a sample are one matrix product;
-    # row 0 counts every query once: the pooled share itself.
+    # row 0 counts every query once: the pooled fraction itself.
     counts = np.random.default_rng(seed).multinomial(len(gaps), np.full(len(gaps), 1 / len(gaps)), size=samples)
     weights = np.vstack([np.ones(len(gaps)), counts])
-    totals = weights @ gaps
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
-        shares = (weights @ gains.reshape(len(gaps), -1)) / totals[:, None]
-        shares[np.abs(totals) < MIN_GAP] = np.nan
-        shares = shares.reshape(-1, *gains.shape[1:])
-        low, high = np.nanpercentile(shares[1:], [2.5, 97.5], axis=0)
-        fractions = np.stack([fraction(gain, gap) for gain, gap in zip(gains, gaps)])
-        median = np.nanmedian(fractions, 0)
-    defined = (~np.isnan(fractions)).sum(0)
-    return CellSummary(shares[0], low, high, median, defined)
+    totals = weights @ sizes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = (weights @ turned) / totals[:, None]
+    shares[totals == 0] = np.nan  # a sample that drew only ties
+    shares = shares.reshape(-1, *shape)
+    low, high = np.nanpercentile(shares[1:], [2.5, 97.5], axis=0) if counted.sum() > 1 else (undefined, undefined)
+    median = np.median(gains[counted] / gaps[counted, None, None], axis=0)
+    return CellSummary(shares[0], low, high, median, np.full(shape, counted.sum()))
 
 
 @dataclass(frozen=True)
@@ -313,10 +318,6 @@ class PatchingAggregate:
     queries: list[str]
     passages: list[int]
     results: list[QueryPatching]
-
-    def recovered(self, direction: str) -> np.ndarray:
-        """(queries, layers, sites)."""
-        return np.stack([result.directions[direction].recovered for result in self.results])
 
     def ranks(self, direction: str) -> np.ndarray:
         return np.stack([result.directions[direction].ranks for result in self.results])

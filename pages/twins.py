@@ -59,8 +59,8 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
         "A←B: A runs on the query with one layer's site replaced by B's activation (all positions); B←A the "
         "reverse. Target: B's indexed embedding of B's top-1 passage, for both directions; ranks are in B's "
         "index. Recovered fraction (s_patched − s_recipient) / (s_donor − s_recipient): 0 = the recipient's own "
-        "score, 1 = the donor's. Over many queries: the sums of both differences, divided (a query whose two "
-        "clean scores nearly tie would dominate a mean of fractions), with the median fraction in the table."
+        "score, 1 = the donor's. Over many queries (pooled): the fractions weighted by |s_donor − s_recipient|, so "
+        "that a query whose two clean scores nearly tie cannot dominate, with the median fraction in the table."
     )
 
     def patching() -> None:
@@ -74,7 +74,7 @@ def render(pair: ModelPair, corpus: Corpus) -> None:
                 f"s_A = {scores['A']:.4f} · s_B = {scores['B']:.4f}"
             )
             if note := near_tie_note(result):
-                st.warning(note)
+                st.info(note)
             frame = views.query_patching_frame(result.directions)
             chart = views.patching_heatmaps(frame, "This query")
             st.altair_chart(chart)

@@ -117,18 +117,17 @@ def test_patch_query_recovers_all_of_the_donor_at_the_last_layer(twins, wiki_sli
 def test_aggregate_summarises_every_query(twins, wiki_slice, index_b, cache):
     queries = aggregate_sample(wiki_slice, 3)
     aggregate = aggregate_patching(twins["mean"], index_b, wiki_slice, queries, cache)
-    values = aggregate.recovered("A←B")
-    assert values.shape[0] == len(queries) == len(aggregate.results)
     directions = [result.directions["A←B"] for result in aggregate.results]
-    gains = sum(d.scores - d.recipient_score for d in directions)
-    gap = sum(d.donor_score - d.recipient_score for d in directions)
+    assert len(directions) == len(queries)
+    gaps = np.array([d.donor_score - d.recipient_score for d in directions])
+    fractions = np.stack([d.recovered for d in directions])
     summary = aggregate.summary("A←B")
-    np.testing.assert_allclose(summary.pooled, gains / gap, rtol=1e-5)
-    np.testing.assert_allclose(summary.median, np.median(values, 0))
+    np.testing.assert_allclose(summary.pooled, np.average(fractions, axis=0, weights=np.abs(gaps)), rtol=1e-5)
+    np.testing.assert_allclose(summary.median, np.median(fractions, 0), rtol=1e-5)
 
 
-def test_cell_summary_pools_the_gaps_so_a_near_tie_cannot_dominate():
-    # Query 2's clean scores nearly tie: its own fraction is 0.03 / 0.01 = 3, which a mean of fractions would show.
+def test_pooling_weighs_each_query_by_its_gap_so_a_near_tie_cannot_dominate():
+    # Query 3's clean scores nearly tie: its own fraction is 0.03 / 0.01 = 3, which a mean of fractions would show.
     gains = np.array([[[0.5, 0.0]], [[1.0, 0.2]], [[0.03, 0.0]]])
     gaps = np.array([1.0, 1.0, 0.01])
     summary = summarise_cells(gains, gaps, samples=300)
@@ -137,12 +136,24 @@ def test_cell_summary_pools_the_gaps_so_a_near_tie_cannot_dominate():
     assert summary.defined.tolist() == [[3, 3]]
     assert (summary.low <= summary.pooled).all() and (summary.pooled <= summary.high).all()
 
-    # A query whose gap vanishes has no fraction of its own but still counts in the pooled share (its gains add).
+
+def test_pooling_turns_a_query_whose_gap_runs_the_other_way():
+    # Fractions 1 and 0; the second query's gap is negative. A plain ratio of sums gives 1 / 0.1 = 10.
+    summary = summarise_cells(np.array([[[1.0]], [[0.0]]]), np.array([1.0, -0.9]), samples=300)
+    np.testing.assert_allclose(summary.pooled, [[1 / 1.9]])
+    assert 0.0 <= summary.low[0, 0] <= summary.high[0, 0] <= 1.0
+    # Gains along a negative gap are a positive fraction: 0.45 of the way from s_R down to s_D.
+    turned = summarise_cells(np.array([[[-0.45]]]), np.array([-0.9]), samples=50)
+    np.testing.assert_allclose(turned.pooled, [[0.5]])
+
+
+def test_a_query_whose_clean_scores_tie_counts_nowhere():
     tie = summarise_cells(np.array([[[0.4]], [[0.2]]]), np.array([1.0, 0.0]), samples=50)
     assert tie.defined.tolist() == [[1]] and tie.median.tolist() == [[0.4]]
-    np.testing.assert_allclose(tie.pooled, [[0.6]])
+    np.testing.assert_allclose(tie.pooled, [[0.4]])
+    assert np.isnan(tie.low).all() and np.isnan(tie.high).all()  # one query that counts has no interval
     nothing = summarise_cells(np.array([[[0.4]]]), np.array([0.0]), samples=50)
-    assert np.isnan(nothing.pooled).all() and np.isnan(nothing.median).all() and np.isnan(nothing.low).all()
+    assert np.isnan(nothing.pooled).all() and np.isnan(nothing.median).all() and nothing.defined.tolist() == [[0]]
 
 
 def test_pairs_that_are_not_twins_are_refused_in_one_sentence(tmp_path, wiki_slice, index_b):
@@ -186,6 +197,15 @@ def test_patch_command_prints_json_on_the_offline_pair(monkeypatch, tmp_path, ca
     for direction in DIRECTIONS:
         recovered = np.array(result["directions"][direction]["recovered"], dtype=float)  # null: NaN
         assert recovered.shape == (6, 3) and recovered[-1, -1] == pytest.approx(1.0, abs=1e-4)
+
+    main(["patch", "--pair", "offline", "--queries", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["queries"]) == 3
+    for direction in DIRECTIONS:
+        summary = result["directions"][direction]
+        pooled = np.array(summary["pooled"], dtype=float)
+        assert pooled.shape == np.array(summary["median"], dtype=float).shape == (6, 3)
+        assert pooled[-1, -1] == pytest.approx(1.0, abs=1e-4)  # the last residual stream is the donor's
 
 
 def test_a_query_whose_clean_scores_nearly_tie_gets_a_note():
