@@ -44,9 +44,7 @@ def probe_chart(result: ProbeResult, n: int, kinds: Sequence[str]) -> alt.Chart:
     frame["kind"] = frame["kind"].map(KIND_LABELS)
     x = alt.X("layer:O", title="layer (0 = embeddings)", axis=alt.Axis(labelAngle=0))
     labels = {name: f"{name}: {label}" for name, label in result.models.items()}
-    # The bands' faint fill would otherwise fade the colour legend, which lines and bands share.
-    legend = alt.Legend(orient="bottom", direction="vertical", labelLimit=400, symbolOpacity=1)
-    color = model_colour(labels=labels, legend=legend)
+    color = model_colour(labels=labels)
     base = alt.Chart(frame).encode(
         x=x,
         y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),

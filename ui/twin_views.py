@@ -8,7 +8,7 @@ import pandas as pd
 
 from core.cka import INPUTS, LayerSimilarity
 from core.overlap import OverlapAggregate
-from core.palette import MODEL_COLOURS, dashed_lines_with_points, model_colour
+from core.palette import MODEL_COLOURS, NEUTRAL_LINE, dashed_lines_with_points, model_colour
 from core.paraphrase import ParaphraseReport
 from core.patching import (
     DIRECTIONS,
@@ -184,7 +184,7 @@ def cka_chart(frame: pd.DataFrame, title: str) -> alt.LayerChart:
     base = alt.Chart(frame, title=title).encode(
         x=alt.X("layer:O", title="layer (0 = embeddings)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("CKA:Q", title="linear CKA", scale=alt.Scale(zero=False)),
-        color=alt.value("#555555"),
+        color=alt.value(NEUTRAL_LINE),
         tooltip=["layer", "inputs", alt.Tooltip("CKA:Q", format=".3f")],
     )
     return dashed_lines_with_points(base, "inputs:N").properties(width=420, height=240)
